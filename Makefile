@@ -1,0 +1,45 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11:
+#   make bench    the main job: the benchmark suite on whatever device is here
+#   make test     the tests (what CI runs)
+# Both create .venv on first use (CPU torch 2.13.0 from requirements/cpu.txt), build the C++
+# extension into it, and reuse both afterwards.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+
+.PHONY: venv build test bench bench-smoke cmake-check ci clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements/cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/cpu.txt
+	touch $@
+
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.installed setup.py pyproject.toml CMakeLists.txt $(CSRC)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: build
+	$(PY) -m pytest tests -q
+
+bench: build
+	$(PY) -m benchmarks
+
+bench-smoke: build
+	$(PY) -m benchmarks --preset smoke
+
+# The same C++ sources built by CMake (find_package(Torch)) and tested against the reference.
+cmake-check: build
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
+	cmake --build build/cmake
+	LORAXS_NATIVE_LIB=$(CURDIR)/build/cmake/libloraxs_C.so $(PY) -m pytest tests/test_native.py -q
+
+# Everything CI checks, in order; .ci/run calls this.
+ci: test cmake-check bench-smoke
+
+clean:
+	rm -rf build $(VENV)/.built loraxs_kernels/_C*.so *.egg-info

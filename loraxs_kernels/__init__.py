@@ -1,0 +1,24 @@
+"""loraxs-kernels: fused LoRA-XS layers for PyTorch.
+
+    y = x Wᵀ + b + s · ((x A) R) B        (only the r×r matrix R trains)
+
+Where to look: reference.py (the math), ops/ (the op and its autograd), backends/ (torch, C++,
+Triton, CUDA), modules/ (FusedLoRAXSLinear, apply_loraxs), tools/.
+"""
+
+from . import reference
+from .backends import BackendUnavailable
+from .backends import available as available_backends
+from .modules import FusedLoRAXSLinear, apply_loraxs, merge_loraxs
+from .ops import loraxs_linear
+
+__all__ = [
+    "loraxs_linear",
+    "FusedLoRAXSLinear",
+    "apply_loraxs",
+    "merge_loraxs",
+    "reference",
+    "available_backends",
+    "BackendUnavailable",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,122 @@
+"""FusedLoRAXSLinear: an nn.Linear with a LoRA-XS adapter, computed by the fused op."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops.linear import loraxs_linear
+from .svd_init import svd_factors
+
+R_INIT_STD = 1e-5  # the official code's N(0, 1e-5) start: not zeros, so R's gradient sees a non-zero R
+
+
+class FusedLoRAXSLinear(nn.Module):
+    """y = x Wᵀ + b + scaling·((x A) R) B, with W, b, A, B frozen and R (rank×rank) trainable.
+
+    Attributes: `weight` (out, in) and `bias` (out,), frozen parameters as in nn.Linear; `lora_A`
+    (in, rank) and `lora_B` (rank, out), frozen buffers from the SVD of Wᵀ (in the state dict);
+    `lora_R` (rank, rank), the only parameter with requires_grad.
+
+    r_dtype: R's dtype (default: the layer's). Pass torch.float32 to keep an fp32 master R beside
+    bf16/fp16 weights; the op computes in the layer's dtype and returns grad_R in fp32.
+    r_init: "normal" (N(0, 1e-5), the official code's choice) or "zeros" (the layer starts as W).
+    backend: the op backend this layer uses ("auto" by default).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        scaling: float = 1.0,
+        device=None,
+        dtype=None,
+        *,
+        r_dtype: torch.dtype | None = None,
+        r_init: str = "normal",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(
+                f"rank must be between 1 and min(in_features, out_features) = {min(in_features, out_features)}, "
+                f"got rank={rank} for in_features={in_features}, out_features={out_features}"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.scaling = float(scaling)
+        self.backend = backend
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        self.register_buffer("lora_A", torch.empty(in_features, rank, **factory))
+        self.register_buffer("lora_B", torch.empty(rank, out_features, **factory))
+        r_dtype = r_dtype or self.weight.dtype
+        self.lora_R = nn.Parameter(torch.empty(rank, rank, device=self.weight.device, dtype=r_dtype))
+        self._reset_base()
+        self.reset_adapter(r_init)
+
+    def _reset_base(self):
+        # nn.Linear's own initialisation, so a fresh layer behaves like a fresh nn.Linear.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @torch.no_grad()
+    def reset_adapter(self, r_init: str = "normal"):
+        """Recompute A and B from the current weight and restart R."""
+        if r_init not in ("normal", "zeros"):
+            raise ValueError(f"r_init must be 'normal' or 'zeros', got {r_init!r}")
+        if self.weight.is_meta:
+            return
+        A, B = svd_factors(self.weight, self.rank)
+        self.lora_A.copy_(A)
+        self.lora_B.copy_(B)
+        if r_init == "normal":
+            nn.init.normal_(self.lora_R, mean=0.0, std=R_INIT_STD)
+        else:
+            nn.init.zeros_(self.lora_R)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, scaling: float = 1.0, **kwargs) -> "FusedLoRAXSLinear":
+        """A LoRA-XS layer around `linear`'s weight and bias (copied, then frozen)."""
+        w = linear.weight
+        layer = cls(
+            linear.in_features, linear.out_features, rank, bias=linear.bias is not None, scaling=scaling,
+            device="meta", dtype=w.dtype, **kwargs,
+        )
+        # Built on the meta device, so the throw-away init and SVD of a fresh weight are skipped.
+        layer = layer.to_empty(device=w.device)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        layer.reset_adapter(kwargs.get("r_init", "normal"))
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return loraxs_linear(
+            x, self.weight, self.bias, self.lora_A, self.lora_R, self.lora_B, self.scaling, backend=self.backend
+        )
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """A new nn.Linear holding W + scaling·(A R B)ᵀ; this layer is left unchanged."""
+        w = self.weight
+        work = torch.float64 if w.dtype == torch.float64 else torch.float32
+        delta = self.lora_A.to(work) @ self.lora_R.to(work) @ self.lora_B.to(work)
+        merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        merged.weight.copy_((w.to(work) + self.scaling * delta.t()).to(w.dtype))
+        if self.bias is not None:
+            merged.bias.copy_(self.bias)
+        return merged
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}, scaling={self.scaling}, backend={self.backend!r}"
+        )
