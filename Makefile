@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: venv build test bench bench-smoke cmake-check ci clean
+.PHONY: venv build test bench bench-smoke cmake-check ci clean aot-report cuda-check gpu-check
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements/cpu.txt
@@ -43,3 +43,17 @@ ci: test cmake-check bench-smoke
 
 clean:
 	rm -rf build $(VENV)/.built loraxs_kernels/_C*.so *.egg-info
+
+# ---- Triton backend (issue 3): compile every kernel and config for sm_80 and sm_90, no GPU needed.
+aot-report: build
+	mkdir -p build && $(PY) -m loraxs_kernels.tools.aot_report --check > build/aot_report.json
+	@echo "wrote build/aot_report.json"
+
+# ---- CUDA C++ backend (issue 4): build the CUDA extension for sm_80/sm_90 against the CUDA torch
+# wheel in its own venv, check registers/spills/shared memory, load it on this CPU machine.
+cuda-check:
+	bash scripts/cuda_check.sh
+
+# ---- On a GPU machine (image with torch, triton, pytest; no network): build, GPU tests, quick benchmark.
+gpu-check:
+	bash scripts/gpu_check.sh

@@ -14,9 +14,12 @@ x to 2-D; M may be 0. R may be fp32 beside half-precision weights: compute in x'
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
+
+from . import auto_table
 
 # name -> module; imported on first use so that `import loraxs_kernels` never pays for Triton.
 _MODULES = {
@@ -44,6 +47,7 @@ def _load(name: str):
         raise BackendUnavailable(f"backend {name!r} cannot be imported: {e}") from e
 
 
+@functools.lru_cache(maxsize=None)
 def unavailable_reason(name: str, device: torch.device) -> str | None:
     """None when backend `name` can run on `device`, else a sentence saying why not."""
     check_name(name)
@@ -65,10 +69,17 @@ def available(device: torch.device) -> list[str]:
     return [n for n in _MODULES if unavailable_reason(n, device) is None]
 
 
-def auto_name(device: torch.device, M: int, in_features: int, out_features: int, rank: int) -> str:
-    """The backend "auto" runs for this device and shape."""
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def auto_name(device: torch.device, dtype: torch.dtype, M: int, rank: int) -> str:
+    """The backend "auto" runs for this device, dtype and shape."""
     if device.type == "cuda":
-        preference = ("triton", "cuda", "torch")
+        # Triton by default; CUDA C++ where the measured table (auto_table.json) says it is faster.
+        first = auto_table.choose(_device_name(device), str(dtype).removeprefix("torch."), M, rank)
+        preference = (first, "triton", "cuda", "torch")
     else:  # CPU (and anything else ATen runs on): the C++ kernel when built, else ATen from Python.
         preference = ("cpp", "torch")
     for name in preference:
@@ -77,11 +88,11 @@ def auto_name(device: torch.device, M: int, in_features: int, out_features: int,
     return "torch"
 
 
-def get(name: str, device: torch.device, M: int, in_features: int, out_features: int, rank: int):
+def get(name: str, device: torch.device, dtype: torch.dtype, M: int, rank: int):
     """The backend module to run, after resolving "auto"; raises BackendUnavailable with the reason."""
     check_name(name)
     if name == "auto":
-        name = auto_name(device, M, in_features, out_features, rank)
+        name = auto_name(device, dtype, M, rank)
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise BackendUnavailable(reason)

@@ -44,7 +44,7 @@ def _linear_fwd_kernel(x, weight, bias, A, R, B, scaling, backend):
     check_inputs(x, weight, bias, A, R, B)
     in_features, out_features, rank = weight.shape[1], weight.shape[0], A.shape[1]
     x2 = x.reshape(-1, in_features)
-    impl = backends.get(backend, x.device, x2.shape[0], in_features, out_features, rank)
+    impl = backends.get(backend, x.device, x.dtype, x2.shape[0], rank)
     # Inputs were cast by _autocast below if autocast is on; the kernels must not be re-cast.
     with torch.autocast(x.device.type, enabled=False):
         y, xa = impl.forward(x2, weight, bias, A, R, B, float(scaling))
@@ -54,7 +54,7 @@ def _linear_fwd_kernel(x, weight, bias, A, R, B, scaling, backend):
 def _linear_bwd_kernel(grad_out, xa, weight, A, R, B, scaling, need_x, need_R, backend):
     out_features, in_features = weight.shape
     g2 = grad_out.reshape(-1, out_features)
-    impl = backends.get(backend, grad_out.device, g2.shape[0], in_features, out_features, A.shape[1])
+    impl = backends.get(backend, grad_out.device, grad_out.dtype, g2.shape[0], A.shape[1])
     with torch.autocast(grad_out.device.type, enabled=False):
         grad_x, grad_R = impl.backward(g2, xa, weight, A, R, B, float(scaling), need_x, need_R)
     grad_x = grad_x.reshape(*grad_out.shape[:-1], in_features) if need_x else grad_out.new_empty(0)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# make gpu-check: one prepared run on a GPU machine whose image already has torch, triton, pytest,
+# pytest-benchmark and nvcc, with no network. It installs nothing. Budget: under 8 minutes on an H200.
+#   1. build the C++/CUDA extension in place for this GPU's architecture
+#   2. the GPU tests (pytest -m gpu): Triton and CUDA backends against the reference, bf16/fp16/fp32
+#   3. compute-sanitizer memcheck on a small forward+backward of each GPU backend
+#   4. the quick benchmark preset, then print its results.md
+# Each step has its own time limit; the script carries on after a failed step and exits non-zero
+# at the end if any step failed, so one run shows everything. Copies results to $OUT when set.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+failed=()
+step() {  # step NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name (limit ${secs}s) ==="
+  local t0=$SECONDS
+  if timeout "$secs" "$@"; then echo "=== $name: ok ($((SECONDS - t0)) s)"; else
+    echo "=== $name: FAILED (exit $?, $((SECONDS - t0)) s)"; failed+=("$name"); fi
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
+arch=$("$PY" -c 'import torch; c = torch.cuda.get_device_capability(); print(f"{c[0]}.{c[1]}")')
+
+step build 240 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" "$PY" setup.py -q build_ext --inplace
+step gpu-tests 150 "$PY" -m pytest -m gpu tests -q -x -p no:cacheprovider
+if command -v compute-sanitizer >/dev/null; then
+  step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" scripts/sanitizer_case.py
+else
+  echo "=== memcheck: skipped (no compute-sanitizer on PATH)"
+fi
+step bench-quick 180 "$PY" -m benchmarks --preset quick --out benchmarks/results/gpu-check
+cat benchmarks/results/gpu-check/results.md 2>/dev/null || true
+if [ -n "${OUT:-}" ] && [ -d benchmarks/results/gpu-check ]; then cp -r benchmarks/results/gpu-check "$OUT/"; fi
+
+if [ ${#failed[@]} -gt 0 ]; then echo "gpu-check FAILED: ${failed[*]}"; exit 1; fi
+echo "gpu-check passed"
