@@ -31,6 +31,9 @@ else
   echo "=== memcheck: skipped (no compute-sanitizer on PATH)"
 fi
 step bench-quick 180 "$PY" -m benchmarks --preset quick --out benchmarks/results/gpu-check
+# The measured Triton-vs-CUDA choice per shape for "auto" (commit the table it writes).
+step tune-auto 30 "$PY" -m loraxs_kernels.tools.tune_auto benchmarks/results/gpu-check/results.json
+[ -n "${OUT:-}" ] && cp loraxs_kernels/backends/auto_table.json "$OUT/" 2>/dev/null
 cat benchmarks/results/gpu-check/results.md 2>/dev/null || true
 if [ -n "${OUT:-}" ] && [ -d benchmarks/results/gpu-check ]; then cp -r benchmarks/results/gpu-check "$OUT/"; fi
 
