@@ -19,7 +19,7 @@ namespace loraxs {
 void check_forward_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const at::Tensor& A, const at::Tensor& R, const at::Tensor& B);
 void check_backward_args(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
-                         const at::Tensor& A, const at::Tensor& R, const at::Tensor& B);
+                         const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, bool need_R);
 
 std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& bias, const at::Tensor& A,

@@ -18,6 +18,7 @@ void check_layer(const char* op, const at::Tensor& ref, const at::Tensor& weight
   TORCH_CHECK(R.dim() == 2 && R.size(0) == r && R.size(1) == r, op, ": R must be (", r, ", ", r, "), got ", R.sizes());
   TORCH_CHECK(B.dim() == 2 && B.size(0) == r && B.size(1) == out, op, ": B must be (", r, ", ", out, "), got ",
               B.sizes());
+  TORCH_CHECK(at::isFloatingType(ref.scalar_type()), op, ": inputs must be floating point, got ", ref.scalar_type());
   for (const at::Tensor* t : {&weight, &A, &B}) {
     TORCH_CHECK(t->scalar_type() == ref.scalar_type(), op, ": dtype ", t->scalar_type(), " does not match ",
                 ref.scalar_type());
@@ -45,10 +46,11 @@ void check_forward_args(const at::Tensor& x, const at::Tensor& weight, const std
 }
 
 void check_backward_args(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
-                         const at::Tensor& A, const at::Tensor& R, const at::Tensor& B) {
+                         const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, bool need_R) {
   check_layer("loraxs native_bwd", grad_out, weight, A, R, B);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(1) == weight.size(0), "loraxs native_bwd: grad_out ",
               grad_out.sizes(), " must be (M, ", weight.size(0), ")");
+  if (!need_R) return;  // xa is read only for grad_R (it may be an empty placeholder otherwise)
   TORCH_CHECK(xa.dim() == 2 && xa.size(0) == grad_out.size(0) && xa.size(1) == A.size(1), "loraxs native_bwd: xa must be (",
               grad_out.size(0), ", ", A.size(1), "), got ", xa.sizes());
   TORCH_CHECK(xa.scalar_type() == grad_out.scalar_type() && xa.device() == grad_out.device(),

@@ -42,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at:
 std::tuple<at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& xa,
                                                   const at::Tensor& weight, const at::Tensor& A, const at::Tensor& R,
                                                   const at::Tensor& B, double scaling, bool need_x, bool need_R) {
-  check_backward_args(grad_out, xa, weight, A, R, B);
+  check_backward_args(grad_out, xa, weight, A, R, B, need_R);
   const at::Tensor Rc = R.to(grad_out.scalar_type());
   const bool merged = merge_pays(grad_out.size(0), weight.size(1), weight.size(0));
   at::Tensor u;  // g Bᵀ (M×r)

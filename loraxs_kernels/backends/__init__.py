@@ -7,7 +7,8 @@ A backend is a module with:
         x (M, in) in any strides; y (M, out) and xa = x A (M, r) in x's dtype
     backward(grad_out, xa, weight, A, R, B, scaling, need_x, need_R) -> (grad_x | None, grad_R | None)
         grad_out (M, out) in any strides (autograd may hand in an expanded, stride-0 tensor);
-        grad_x (M, in) in grad_out's dtype; grad_R (r, r) in R's dtype
+        grad_x (M, in) in grad_out's dtype; grad_R (r, r) in R's dtype. xa is read only when need_R;
+        otherwise it is an empty (0, r) tensor (the op keeps x A only when R needs a gradient).
 The op (loraxs_kernels/ops/linear.py) has already checked shapes, dtypes and devices, and flattened
 x to 2-D; M may be 0. R may be fp32 beside half-precision weights: compute in x's dtype.
 """
@@ -65,7 +66,7 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 
 
 def available(device: torch.device) -> list[str]:
-    """The concrete backends that can run on `device`, in order of preference."""
+    """The concrete backends that can run on `device` (for the one "auto" picks, see auto_name)."""
     return [n for n in _MODULES if unavailable_reason(n, device) is None]
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from .. import backends
 from ..ops.linear import loraxs_linear
 from .svd_init import svd_factors
 
@@ -46,6 +47,7 @@ class FusedLoRAXSLinear(nn.Module):
                 f"rank must be between 1 and min(in_features, out_features) = {min(in_features, out_features)}, "
                 f"got rank={rank} for in_features={in_features}, out_features={out_features}"
             )
+        backends.check_name(backend)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.scaling = float(scaling)

@@ -17,13 +17,17 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def check_inputs(x, weight, bias, A, R, B) -> None:
-    """Validate the tensors of y = x Wᵀ + b + s·((x A) R) B; return None or raise."""
+def check_tensor_types(x, weight, bias, A, R, B) -> None:
     for name, t in (("x", x), ("weight", weight), ("A", A), ("R", R), ("B", B)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+
+
+def check_inputs(x, weight, bias, A, R, B) -> None:
+    """Validate the tensors of y = x Wᵀ + b + s·((x A) R) B; return None or raise."""
+    check_tensor_types(x, weight, bias, A, R, B)
 
     # Shapes.
     if x.dim() < 1:

@@ -21,7 +21,7 @@ import math
 import torch
 
 from .. import backends
-from .checks import check_frozen, check_inputs
+from .checks import check_frozen, check_inputs, check_tensor_types
 
 torch.library.define(
     "loraxs::linear",
@@ -88,21 +88,32 @@ def _setup_context(ctx, inputs, output):
     check_frozen(weight, bias, A, B)
     _, xa = output
     ctx.mark_non_differentiable(xa)
-    # x A is the only activation kept; weight, A, R and B are the layer's own tensors (no new memory).
-    ctx.save_for_backward(xa, weight, A, R, B)
+    # x A (M×r) is the only activation kept, and only grad_R reads it; weight, A, R and B are the
+    # layer's own tensors (no new memory).
+    ctx.save_for_backward(xa if R.requires_grad else None, weight, A, R, B)
     ctx.scaling, ctx.backend = scaling, backend
 
 
 def _backward(ctx, grad_out, _grad_xa):
     xa, weight, A, R, B = ctx.saved_tensors
     need_x, need_R = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+    if xa is None:  # R needs no gradient, so x A was not kept; backends read xa only for grad_R.
+        xa = grad_out.new_empty((0, A.shape[1]))
     grad_x, grad_R = torch.ops.loraxs.linear_bwd(
         grad_out, xa, weight, A, R, B, ctx.scaling, need_x, need_R, ctx.backend
     )
     return (grad_x if need_x else None), None, None, None, (grad_R if need_R else None), None, None, None
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "loraxs.linear supports first-order gradients only: differentiating its backward "
+        "(create_graph=True, then a second backward) is not implemented; use loraxs_kernels.reference"
+    )
+
+
 torch.library.register_autograd("loraxs::linear_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("loraxs::linear_bwd", _no_double_backward)
 
 
 # -------------------------------------------------------------------------------- the public entry
@@ -112,7 +123,7 @@ def _autocast(x, weight, bias, A, R, B):
     R stays as it is when it is float32: the op takes an fp32 master R beside half weights.
     """
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return x, weight, bias, A, R, B
     dtype = torch.get_autocast_dtype(device_type)
 
@@ -140,6 +151,7 @@ def loraxs_linear(x, weight, bias, A, R, B, scaling: float = 1.0, *, backend: st
     that cannot run here raises backends.BackendUnavailable saying why.
     """
     backends.check_name(backend)
+    check_tensor_types(x, weight, bias, A, R, B)
     if backend == "auto":
         return torch.ops.loraxs.linear(x, weight, bias, A, R, B, scaling)
     return _linear(x, weight, bias, A, R, B, scaling, backend)
