@@ -39,7 +39,7 @@ cmake-check: build
 	LORAXS_NATIVE_LIB=$(CURDIR)/build/cmake/libloraxs_C.so $(PY) -m pytest tests/test_native.py -q
 
 # Everything CI checks, in order; .ci/run calls this.
-ci: test cmake-check bench-smoke
+ci: test cmake-check cuda-check bench-smoke
 
 clean:
 	rm -rf build $(VENV)/.built loraxs_kernels/_C*.so *.egg-info
@@ -52,7 +52,7 @@ aot-report: build
 # ---- CUDA C++ backend (issue 4): build the CUDA extension for sm_80/sm_90 against the CUDA torch
 # wheel in its own venv, check registers/spills/shared memory, load it on this CPU machine.
 cuda-check:
-	bash scripts/cuda_check.sh
+	CUDA_CHECK_CMAKE=1 bash scripts/cuda_check.sh
 
 # ---- On a GPU machine (image with torch, triton, pytest; no network): build, GPU tests, quick benchmark.
 gpu-check:

@@ -23,12 +23,12 @@ def rel(pattern):
 
 def extension():
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]  # BuildExtension adds the -std= that this torch needs (C++20 for 2.14)
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not os.environ.get("LORAXS_CPU_ONLY")
     cuda_sources = rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
     if with_cuda and cuda_sources:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         nvcc += os.environ.get("LORAXS_NVCC_FLAGS", "").split()
         return CUDAExtension(
             "loraxs_kernels._C",
