@@ -39,7 +39,7 @@ cmake-check: build
 	LORAXS_NATIVE_LIB=$(CURDIR)/build/cmake/libloraxs_C.so $(PY) -m pytest tests/test_native.py -q
 
 # Everything CI checks, in order; .ci/run calls this.
-ci: test cmake-check cuda-check bench-smoke
+ci: test cmake-check aot-report cuda-check bench-smoke
 
 clean:
 	rm -rf build $(VENV)/.built loraxs_kernels/_C*.so *.egg-info

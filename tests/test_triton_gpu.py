@@ -1,0 +1,228 @@
+"""The Triton backend on a CUDA device, against the fp64 reference (bf16 included, which the CPU
+interpreter cannot run). Skipped without CUDA.
+
+Most tests set LORAXS_TRITON_AUTOTUNE=0 (the first entry of each autotune table, no benchmarking) so
+that every new shape costs a compile, not a tuning sweep; test_autotuned_goal_shapes and
+test_every_config cover the autotuner and the other table entries.
+"""
+
+import math
+
+import pytest
+import torch
+
+from common import SHAPES, TOL, assert_close, make_inputs, reference_fp64
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+from loraxs_kernels import loraxs_linear  # noqa: E402
+
+tb = pytest.importorskip("loraxs_kernels.backends.triton")
+from loraxs_kernels.backends.triton import configs  # noqa: E402
+from loraxs_kernels.backends.triton import gemm_rank_r as gemm_mod  # noqa: E402
+
+if tb.INTERPRETED:
+    pytest.skip("the Triton backend was imported under TRITON_INTERPRET=1", allow_module_level=True)
+
+DEV = "cuda"
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# fp32 tests run with TF32 off (torch's default), so fp32 is held to the fp32 tolerance.
+
+
+@pytest.fixture(autouse=True)
+def no_autotune(monkeypatch):
+    monkeypatch.setenv("LORAXS_TRITON_AUTOTUNE", "0")
+    monkeypatch.delenv(configs.SCHEDULE_ENV, raising=False)
+
+
+def wide_inputs(lead, in_f, out_f, r, dtype, seed=0):
+    """Like make_inputs, without its CPU fp64 SVD (seconds at 4096²): random A and B of the same scale,
+    generated on the device. The kernels do not care where A and B came from."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    kw = dict(device=DEV, dtype=torch.float32, generator=g)
+    bound = 1 / math.sqrt(in_f)
+    w = (torch.rand(out_f, in_f, **kw) * 2 - 1) * bound
+    b = (torch.rand(out_f, **kw) * 2 - 1) * bound
+    A = torch.randn(in_f, r, **kw) / math.sqrt(in_f)
+    B = torch.randn(r, out_f, **kw) / math.sqrt(r)
+    R = torch.randn(r, r, **kw) / math.sqrt(r)
+    x = torch.randn(*lead, in_f, **kw)
+    x, w, b, A, R, B = (t.to(dtype) for t in (x, w, b, A, R, B))
+    return x.requires_grad_(), w, b, A, R.requires_grad_(), B
+
+
+def run(lead, in_f, out_f, r, dtype, scaling=0.7, bias=True, r_dtype=None, seed=0, grad=None, tol_dtype=None):
+    if in_f * out_f >= 1 << 20:
+        x, w, b, A, R, B = wide_inputs(lead, in_f, out_f, r, dtype, seed)
+    else:
+        x, w, b, A, R, B = make_inputs(lead, in_f, out_f, r, dtype=dtype, device=DEV, bias=bias, r_dtype=r_dtype,
+                                       seed=seed)
+    y = loraxs_linear(x, w, b, A, R, B, scaling, backend="triton")
+    g = (torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+         .to(device=DEV, dtype=dtype)) if grad is None else grad
+    gx, gR = torch.autograd.grad(y, (x, R), g)
+    y_ref, gx_ref, gR_ref = reference_fp64(x, w, b, A, R, B, scaling, g)
+    tol = tol_dtype or dtype
+    assert y.dtype == dtype and gx.dtype == dtype and gR.dtype == R.dtype
+    assert_close(y, y_ref, tol, "y")
+    assert_close(gx, gx_ref, tol, "grad_x")
+    assert_close(gR, gR_ref, tol, "grad_R")
+    return y, gx, gR
+
+
+GPU_SHAPES = SHAPES + [
+    ((33,), 72, 88, 20),
+    ((9,), 128, 112, 100),     # split schedule (RP = 128)
+    ((300,), 256, 264, 256),   # r = 256
+    ((5, 7), 4096, 1000, 64),  # decode-sized M per call, wide layer
+    ((16,), 4096, 4096, 16),   # decode regime at the goal width
+    ((1,), 4096, 4096, 64),
+]
+# bf16 over every shape; fp16 and fp32 over a few unless slow tests run (each new dtype × shape
+# specialisation is a compile, seconds each on a cold Triton cache).
+_QUICK = {0, 3, 8, 11}
+PARITY_CASES = [
+    pytest.param(dtype, shape, marks=() if dtype == torch.bfloat16 or i in _QUICK else pytest.mark.slow,
+                 id=f"{dtype}-{shape}")
+    for dtype in DTYPES for i, shape in enumerate(GPU_SHAPES)
+]
+
+
+@pytest.mark.parametrize("dtype,shape", PARITY_CASES)
+def test_matches_reference(dtype, shape):
+    run(*shape, dtype)
+
+
+@pytest.mark.parametrize("schedule", configs.SCHEDULES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_schedules(monkeypatch, schedule, dtype):
+    monkeypatch.setenv(configs.SCHEDULE_ENV, schedule)
+    run((257,), 384, 320, 24, dtype)
+
+
+def test_fp32_master_R_with_bf16_layer():
+    _, _, gR = run((300,), 256, 192, 16, torch.bfloat16, r_dtype=torch.float32)
+    assert gR.dtype == torch.float32
+
+
+def test_fp64():
+    run((33,), 64, 48, 7, torch.float64, scaling=1 / 3)
+
+
+def test_tf32(monkeypatch):
+    """With TF32 on, fp32 dots round their inputs to 10 mantissa bits: fp16-like accuracy."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert tb._precision(torch.float32) == "tf32"
+        run((256,), 512, 384, 16, torch.float32, tol_dtype=torch.float16)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_strided_and_expanded(dtype):
+    x, w, b, A, R, B = make_inputs((200,), 96, 80, 8, dtype=dtype, device=DEV, requires_grad=False)
+    R.requires_grad_()
+    wide = torch.zeros(200, 192, dtype=dtype, device=DEV)
+    wide[:, ::2] = x
+    g = torch.randn(1, 80, dtype=torch.float64, device=DEV).to(dtype).expand(200, 80)
+    y_ref, gx_ref, gR_ref = reference_fp64(x, w, b, A, R, B, 0.5, g)
+    for xs in (wide[:, ::2].requires_grad_(), x.t().contiguous().t().requires_grad_()):
+        y = loraxs_linear(xs, w, b, A, R, B, 0.5, backend="triton")
+        gx, gR = torch.autograd.grad(y, (xs, R), g)
+        assert_close(y, y_ref, dtype, f"y {xs.stride()}")
+        assert_close(gx, gx_ref, dtype, f"grad_x {xs.stride()}")
+        assert_close(gR, gR_ref, dtype, f"grad_R {xs.stride()}")
+
+
+@pytest.mark.parametrize("r", [16, 100])
+def test_grad_R_is_bitwise_deterministic(r):
+    x, w, b, A, R, B = make_inputs((8192,), 512, 512, r, dtype=torch.bfloat16, device=DEV, r_dtype=torch.float32)
+    assert tb.grad_r_splits(8192, r)[0] > 1
+    g = torch.randn(8192, 512, device=DEV, dtype=torch.bfloat16)
+    grads = []
+    for _ in range(3):
+        y = loraxs_linear(x, w, b, A, R, B, 0.5, backend="triton")
+        grads.append(torch.autograd.grad(y, (R,), g)[0])
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+
+
+def test_forward_is_one_launch(monkeypatch):
+    x, w, b, A, R, B = make_inputs((512,), 256, 256, 16, dtype=torch.bfloat16, device=DEV, requires_grad=False)
+    tb.forward(x, w, b, A, R, B, 0.5)  # compile first
+    calls = []
+    original = gemm_mod.gemm_rank_r_kernel.run
+    monkeypatch.setattr(gemm_mod.gemm_rank_r_kernel, "run", lambda *a, **k: calls.append(1) or original(*a, **k))
+    y, _ = tb.forward(x, w, b, A, R, B, 0.5)
+    assert len(calls) == 1
+
+
+def test_other_device_index():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    x, w, b, A, R, B = make_inputs((64,), 64, 48, 8, dtype=torch.bfloat16, device="cuda:1")
+    y = loraxs_linear(x, w, b, A, R, B, 0.5, backend="triton")
+    assert_close(y, reference_fp64(x, w, b, A, R, B, 0.5)[0], torch.bfloat16, "y on cuda:1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("r", [16, 64])
+def test_autotuned_goal_shapes(monkeypatch, r):
+    """The benchmark's shapes (M = 8192, in = out = 4096, bf16) through the autotuner."""
+    monkeypatch.setenv("LORAXS_TRITON_AUTOTUNE", "1")
+    run((8192,), 4096, 4096, r, torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_every_config(monkeypatch):
+    """Each entry of this GPU's tables, bf16, forward and backward (the AOT report only compiles them)."""
+    arch = tb._arch(torch.device(DEV))
+    for schedule, r in (("fused", 16), ("split", 80)):
+        monkeypatch.setenv(configs.SCHEDULE_ENV, schedule)
+        for regime, lead in (("gemm", (300,)), ("decode", (7,))):
+            for c in configs.gemm_configs(arch, regime, schedule, 2, "ieee"):
+                with tb.forced_config(c):
+                    run(lead, 200, 520, r, torch.bfloat16)
+    monkeypatch.setenv(configs.SCHEDULE_ENV, "split")
+    for rclass, r in (("r64", 40), ("r256", 200)):
+        for p in configs.proj_configs(arch, rclass, 2, "ieee"):
+            with tb.forced_config(proj=p):
+                run((300,), 256, 264, r, torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_more_than_2_31_elements():
+    """x and y of 2**31 + 2**12 elements: the int64 offset path, checked on the rows at the far end."""
+    M, in_f, out_f, r = 2**25 + 64, 64, 64, 16
+    need = M * (2 * in_f + 2 * out_f + 3 * r) * 2 + (4 << 30)  # x, y, g, grad_x, xa, u (bf16) + fp64 chunks
+    if torch.cuda.mem_get_info()[0] < need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB free on the device")
+    _, w, b, A, R, B = make_inputs((1,), in_f, out_f, r, dtype=torch.bfloat16, device=DEV, requires_grad=False)
+    x = torch.randn(M, in_f, device=DEV, dtype=torch.bfloat16)
+    assert x.numel() > 2**31
+    y, xa = tb.forward(x, w, b, A, R, B, 0.5)
+    tail = slice(M - 300, M)
+    y_ref, _, _ = reference_fp64(x[tail], w, b, A, R, B, 0.5)
+    assert_close(y[tail], y_ref, torch.bfloat16, "y, last rows")
+    assert_close(xa[tail], (x[tail].double() @ A.double()), torch.bfloat16, "x A, last rows")
+    g = torch.randn(M, out_f, device=DEV, dtype=torch.bfloat16)
+    gx, gR = tb.backward(g, xa, w, A, R, B, 0.5, True, True)
+    gx_ref = g[tail].double() @ w.double() + 0.5 * (g[tail].double() @ B.double().t() @ R.double().t()) @ A.double().t()
+    assert_close(gx[tail], gx_ref, torch.bfloat16, "grad_x, last rows")
+    gR_ref = torch.zeros(r, r, dtype=torch.float64, device=DEV)
+    for start in range(0, M, 1 << 22):  # fp64 in chunks: all of g in fp64 would be 17 GiB
+        rows = slice(start, start + (1 << 22))
+        gR_ref += xa[rows].double().t() @ (g[rows].double() @ B.double().t())
+    assert_close(gR, 0.5 * gR_ref, torch.bfloat16, "grad_R")
+
+
+def test_tolerance_is_not_vacuous():
+    x, w, b, A, R, B = make_inputs((64,), 128, 96, 16, dtype=torch.bfloat16, device=DEV)
+    y = loraxs_linear(x, w, b, A, R.detach().t().contiguous(), B, 1.0, backend="triton")
+    y_ref, _, _ = reference_fp64(x, w, b, A, R, B, 1.0)
+    assert (y.double() - y_ref).abs().max().item() > TOL[torch.bfloat16] * y_ref.abs().max().item()
+
