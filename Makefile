@@ -24,7 +24,7 @@ $(VENV)/.built: $(VENV)/.installed setup.py pyproject.toml CMakeLists.txt $(CSRC
 	touch $@
 
 test: build
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests benchmarks -q --benchmark-disable
 
 bench: build
 	$(PY) -m benchmarks

@@ -1,0 +1,147 @@
+"""pytest-benchmark over the smoke case, plus checks that keep the suite honest.
+
+    pytest benchmarks/                        times every provider × mode (a few seconds each)
+    pytest benchmarks/ --benchmark-disable    runs each once: the CI check that nothing rotted
+
+The cases, providers and steps are the CLI's own (cases.py, providers.py, measure.py), so the two
+can never measure different things.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from loraxs_kernels import reference
+
+from . import roofline
+from .__main__ import main
+from .cases import CPU_KEY, MODES, cases_for
+from .measure import peak_mem_bytes, saved_bytes, step_for
+from .providers import PROVIDERS, make_inputs
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CASE = cases_for("smoke", DEVICE)[0]
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return make_inputs(CASE, DEVICE)
+
+
+@pytest.fixture(scope="module")
+def built(inputs):
+    """Build each provider once per module: building compiled_unfused compiles, peft_lora imports peft."""
+    cache = {}
+
+    def get(name):
+        reason = PROVIDERS[name].unavailable_reason(DEVICE)
+        if reason is not None:
+            pytest.skip(f"{name} unavailable: {reason}")
+        if name not in cache:
+            cache[name] = PROVIDERS[name].build(inputs)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_bench(benchmark, built, inputs, provider, mode):
+    b = built(provider)
+    step = step_for(b, inputs, mode)
+    step.run(step.setup() if step.setup else None)  # first call: compile/autotune, never timed
+    benchmark.group = f"{CASE.id} {mode}"
+    benchmark.extra_info.update(provider=provider, mode=mode, case=CASE.id, device=str(DEVICE))
+    if step.setup is not None:  # a lone backward needs a fresh, untimed forward each round
+        benchmark.pedantic(step.run, setup=lambda: ((step.setup(),), {}), rounds=20, warmup_rounds=2)
+    else:
+        benchmark.pedantic(step.run, args=(None,), rounds=20, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("provider", [n for n, p in PROVIDERS.items() if p.same_output])
+def test_same_output(built, inputs, provider):
+    """Every provider that claims the LoRA-XS math computes it: a fast wrong kernel is no result."""
+    i = inputs
+    with torch.no_grad():
+        y = built(provider).forward()
+        ref = reference.loraxs_linear(i.x.double(), i.weight.double(), i.bias.double(), i.A.double(),
+                                      i.R.double(), i.B.double(), i.scaling)
+    tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[i.x.dtype]
+    assert (y.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+def test_saved_bytes(built, inputs):
+    """The hooks see what each layer keeps: the floor keeps no activation, LoRA-XS keeps x A only,
+    PEFT LoRA keeps x (for lora_A's gradient)."""
+    e = inputs.x.element_size()
+    M, K, r = CASE.M, CASE.in_features, CASE.rank
+    assert saved_bytes(built("nn_linear")) == 0
+    assert saved_bytes(built("unfused")) == M * r * e
+    for name in ("torch", "cpp"):
+        if PROVIDERS[name].unavailable_reason(DEVICE) is None:
+            assert saved_bytes(built(name)) == M * r * e, name
+    if PROVIDERS["peft_lora"].unavailable_reason(DEVICE) is None:
+        assert saved_bytes(built("peft_lora")) >= M * K * e
+
+
+def test_peak_memory_counts_the_output(built, inputs):
+    """The forward of the floor allocates at least y (M×out); the measurement must see it."""
+    peak = peak_mem_bytes(step_for(built("nn_linear"), inputs, "forward"), DEVICE)
+    if peak is None:
+        pytest.skip("the profiler gave no memory events here")
+    assert peak >= CASE.M * CASE.out_features * inputs.x.element_size()
+
+
+def test_roofline_model():
+    # forward 2MK(N+r) + 2Mr² + 2MrN; backward 2MN(K+r) + 4Mr² + 2MrK
+    M, K, N, r = 2, 3, 5, 1
+    assert roofline.flops(M, K, N, r, "forward") == 2 * 2 * 3 * 5 + 2 * 2 * 3 + 2 * 2 + 2 * 2 * 5
+    assert roofline.flops(M, K, N, r, "backward") == 2 * 2 * 5 * 3 + 2 * 2 * 5 + 4 * 2 + 2 * 2 * 3
+    assert roofline.flops(M, K, N, r, "forward", lora_xs=False) == 2 * M * K * N
+    assert roofline.min_bytes(M, K, N, r, "forward", "bf16", lora_xs=False) == 2 * (M * K + K * N + N + M * N)
+    assert roofline.gpu_peak("NVIDIA H200").name == "NVIDIA H200 SXM"
+    assert roofline.gpu_peak("NVIDIA H100 80GB HBM3").name == "NVIDIA H100 SXM"
+    assert roofline.gpu_peak("NVIDIA A100-SXM4-80GB").name == "NVIDIA A100 80GB SXM"
+    assert roofline.gpu_peak("NVIDIA L4").name == "NVIDIA L4"
+    for other in ("NVIDIA H100 PCIe", "NVIDIA L40S", "NVIDIA A100-SXM4-40GB", "NVIDIA H200 NVL"):
+        assert roofline.gpu_peak(other) is None, other
+
+
+def test_presets():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    quick = cases_for("quick", cpu)
+    key = [c for c in quick if c.key]
+    assert len(key) == 1 and key[0] == quick[0]
+    assert (key[0].M, key[0].in_features, key[0].out_features, key[0].rank, key[0].dtype) == (
+        CPU_KEY["M"], 1024, 1024, 16, "fp32")
+    assert {c.dtype for c in quick} == {"fp32"}
+    gpu_quick = cases_for("quick", gpu)
+    assert {c.dtype for c in gpu_quick} == {"bf16"} and len(gpu_quick) == 4 * 2 * 3
+    assert {c.dtype for c in cases_for("full", gpu)} == {"bf16", "fp16"}
+    assert len(cases_for("smoke", cpu)) == 1
+
+
+def test_cli_smoke(tmp_path):
+    """The CLI end to end: three outputs, unavailable providers skipped with a reason, no crash."""
+    out = tmp_path / "run"
+    names = ["nn_linear", "unfused", "torch", "cpp", "triton", "cuda"]
+    res = main(["--preset", "smoke", "--providers", ",".join(names), "--out", str(out)])
+    assert (out / "results.md").is_file() and (out / "results.json").is_file()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert res["plots"] and all(p.is_file() for p in res["plots"])
+    data = json.loads((out / "results.json").read_text())
+    ran = {r["provider"] for r in data["records"]}
+    assert ran | set(data["skipped"]) == set(names) and not data["errors"]
+    assert len(data["records"]) == 3 * len(ran)
+    if DEVICE.type == "cpu":
+        assert "interpreter" in data["skipped"]["triton"] and "cuda" in data["skipped"]
+    for key in ("provider", "mode", "M", "in_features", "out_features", "rank", "dtype", "device", "median_ms",
+                "p20_ms", "p80_ms", "peak_mem_bytes", "saved_bytes", "tflops", "gbps", "roofline_frac"):
+        assert key in data["records"][0], key
+    for key in ("device_name", "torch", "triton", "git_commit", "python", "cpu_count", "preset"):
+        assert key in data["environment"], key
+    assert "vs unfused" in (out / "results.md").read_text()
