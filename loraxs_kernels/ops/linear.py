@@ -10,7 +10,7 @@ The backward needs x A (M×r), which y alone does not give, so the op is built f
 `linear` is CompositeImplicitAutograd: it calls linear_fwd and returns y, so autograd, FakeTensor and
 torch.compile all see linear_fwd/linear_bwd, whose CPU and CUDA kernels are opaque calls into the
 chosen backend (no graph break, and Inductor cannot split our fused kernels apart). The autograd
-formula saves x A and the frozen weights only, never x. `backend` is a string argument rather than a
+formula keeps x A (only when R needs a gradient) beside the layer's own tensors, never x. `backend` is a string argument rather than a
 dispatch key so that `loraxs_linear(..., backend="torch")` can pick any backend on any device.
 """
 
