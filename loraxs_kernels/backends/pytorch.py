@@ -57,11 +57,12 @@ def backward(grad_out, xa, weight, A, R, B, scaling, need_x: bool, need_R: bool)
     u = g Bᵀ;  grad_x = g W + s·(u Rᵀ) Aᵀ;  grad_R = s·(x A)ᵀ u, reduced over M in fp32.
     """
     M, (out_features, in_features) = grad_out.shape[0], weight.shape
+    merged = merge_pays(M, in_features, out_features)
     Rc = R.to(grad_out.dtype)
     grad_x = grad_R = None
-    u = grad_out @ B.t() if (need_R or (need_x and not merge_pays(M, in_features, out_features))) else None
+    u = grad_out @ B.t() if (need_R or (need_x and not merged)) else None  # g Bᵀ (M×r)
     if need_x:
-        if merge_pays(M, in_features, out_features):
+        if merged:
             grad_x = grad_out @ merged_weight(weight, A, Rc, B, scaling)
         else:
             grad_x = grad_out @ weight
