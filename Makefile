@@ -1,21 +1,22 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11:
 #   make bench    the main job: the benchmark suite on whatever device is here
 #   make test     the tests (what CI runs)
-# Both create .venv on first use (CPU torch 2.13.0 from requirements/cpu.txt), build the C++
-# extension into it, and reuse both afterwards.
+# Both create .venv on first use, build the C++ extension into it, and reuse both afterwards. torch
+# comes from requirements/gpu.txt (CUDA build) when nvidia-smi sees a GPU, else requirements/cpu.txt.
 
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
+REQUIREMENTS ?= requirements/$(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu).txt
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
 .PHONY: venv build test bench bench-smoke cmake-check ci clean aot-report cuda-check gpu-check
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: requirements/cpu.txt
+$(VENV)/.installed: $(REQUIREMENTS) requirements/common.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements/cpu.txt
+	$(PY) -m pip install -q -r $(REQUIREMENTS)
 	touch $@
 
 build: $(VENV)/.built
