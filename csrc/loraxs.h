@@ -1,31 +1,76 @@
 // The C++ side of the LoRA-XS op: y = x Wᵀ + b + s·((x A) R) B.
 //
-// Two ops, registered in ops.cpp, with one kernel per dispatch key (cpu/ and cuda/):
-//   native_fwd(x, weight, bias?, A, R, B, scaling)              -> (y, xa = x A)
-//   native_bwd(grad_out, xa, weight, A, R, B, scaling, need_x, need_R) -> (grad_x, grad_R)
-// x and grad_out are 2-D (M rows); the Python op has already checked the contract and flattened
-// leading dims. R may be fp32 beside half weights: compute in x's dtype, return grad_R in R's dtype.
-// An output that is not needed comes back as an empty tensor.
+// Every schema is defined once, in ops.cpp (TORCH_LIBRARY(loraxs)):
+//   linear(x, weight, bias?, A, R, B, scaling=1, backend="auto") -> y            the public op
+//   linear_fwd(x, weight, bias?, A, R, B, scaling, backend)  -> (y, xa = x A)    autograd + devices
+//   linear_bwd(grad_out, xa, weight, A, R, B, scaling, need_x, need_R, backend) -> (grad_x, grad_R)
+//   py_fwd / py_bwd: the same signatures, implemented in Python by the "torch" and "triton" backends
+// `linear` is CompositeImplicitAutograd (autocast casts, then linear_fwd). linear_fwd's Autograd
+// kernel (autograd.cpp) keeps x A only when R trains and calls linear_bwd; its CPU and CUDA kernels
+// (cpu/, cuda/) check the contract (contract.cpp) once and run the backend the string names.
+//
+// x and grad_out have any leading dims; y and grad_x come back with x's leading dims, never as
+// views of an internal buffer. R may be fp32 beside half weights: compute in x's dtype, return grad_R
+// in R's dtype. An output that is not needed comes back as an empty tensor.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <string_view>
 #include <tuple>
 
 namespace loraxs {
 
-// Shape/dtype/device checks shared by every kernel (the Python layer checks first; these guard
-// direct callers of torch.ops.loraxs.native_*).
-void check_forward_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                        const at::Tensor& A, const at::Tensor& R, const at::Tensor& B);
-void check_backward_args(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
-                         const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, bool need_R);
+using Fwd = std::tuple<at::Tensor, at::Tensor>;
+using Bwd = std::tuple<at::Tensor, at::Tensor>;
 
-std::tuple<at::Tensor, at::Tensor> linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                  const std::optional<at::Tensor>& bias, const at::Tensor& A,
-                                                  const at::Tensor& R, const at::Tensor& B, double scaling);
-std::tuple<at::Tensor, at::Tensor> linear_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& xa,
-                                                  const at::Tensor& weight, const at::Tensor& A, const at::Tensor& R,
-                                                  const at::Tensor& B, double scaling, bool need_x, bool need_R);
+// ------------------------------------------------------------------------------------ contract.cpp
+// The input contract: ValueError for shapes, TypeError for dtypes, RuntimeError for devices, each
+// naming the offending tensor with its sizes/dtype/device (the same words as ops/checks.py, which
+// serves the fake kernels and the build-less fallback; tests hold the two to one text).
+constexpr int64_t kMaxRank = 256;
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& A, const at::Tensor& R, const at::Tensor& B);
+void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
+                           const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, bool need_R);
+// The op differentiates x and R only: a frozen tensor that asks for a gradient is a bug upstream.
+void check_frozen(const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& A,
+                  const at::Tensor& B);
+
+// ------------------------------------------------------------------------------------- backend.cpp
+enum class Backend { kAuto, kTorch, kCpp, kTriton, kCuda };
+Backend parse_backend(std::string_view name);  // ValueError naming the choices
+const char* backend_name(Backend b);
+// The Python backends ("torch", "triton"), reached through the dispatcher (py_fwd / py_bwd).
+bool triton_installed();  // set by Python at load time (loraxs::set_triton_installed)
+Fwd call_python_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, double scaling, Backend b);
+Bwd call_python_bwd(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight, const at::Tensor& A,
+                    const at::Tensor& R, const at::Tensor& B, double scaling, bool need_x, bool need_R, Backend b);
+// What "auto" runs on a CUDA device, from the measured table (auto_table.json, loaded by Python
+// through loraxs::set_auto_choice), the device's capability and the dtype; see backend.cpp.
+struct CudaContext {
+  std::string device_name;
+  int cc_major = 0;
+  bool tf32 = false;              // torch lets fp32 matmuls use TF32
+  bool triton = false;            // the Python "triton" backend is registered for CUDA
+  bool cuda_kernels = false;      // this library carries the CUDA kernels
+};
+Backend choose_cuda_backend(const CudaContext& c, at::ScalarType dtype, int64_t M, int64_t r);
+
+// ------------------------------------------------------------------------------ cpu/aten_schedule.cpp
+// The layer in ATen GEMM calls, for any device (the CPU kernel, and cuBLAS on CUDA where "auto"
+// picks it). x: (..., in); returns y (..., out) and xa (M, r).
+Fwd aten_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                 const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, double scaling);
+Bwd aten_backward(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight, const at::Tensor& A,
+                  const at::Tensor& R, const at::Tensor& B, double scaling, bool need_x, bool need_R);
+
+// Shapes shared by every kernel: x (..., in) seen as (M, in), and outputs with x's leading dims.
+at::DimVector with_last(at::IntArrayRef lead_and_last, int64_t last);
+// A fresh (M, n) result given x's leading dims without making it a view (FSDP2 and in-place ops
+// treat views specially; an op output must not be one).
+at::Tensor unflatten_fresh(const at::Tensor& t2, at::IntArrayRef lead_and_last, int64_t last);
 
 }  // namespace loraxs

@@ -1,66 +1,75 @@
-// Schemas of the native ops and the shared argument checks. The public op (torch.ops.loraxs.linear)
-// is defined in Python (loraxs_kernels/ops/linear.py) and calls these through the "cpp" and "cuda"
-// backends; keeping these internal lets the C++ kernels be swapped without touching the contract.
+// The op's schemas, defined once, and the public entry `linear`.
+//
+// `linear` is CompositeImplicitAutograd: autocast's casts, then linear_fwd(...)[0]. Autograd,
+// FakeTensor and torch.compile therefore see linear_fwd / linear_bwd, opaque ops with one kernel per
+// device (cpu/aten_schedule.cpp, cuda/linear_cuda.cpp), an Autograd kernel (autograd.cpp) and fake
+// kernels (loraxs_kernels/ops/fake.py: Python, because fake tensors may carry symbolic sizes).
+// `backend` is a string argument rather than a dispatch key so that a test can run any backend on
+// any device; "auto" is what every caller outside the tests uses.
+#include <ATen/autocast_mode.h>
 #include <torch/library.h>
 
 #include "loraxs.h"
 
 namespace loraxs {
+
+void set_auto_choice(c10::string_view device_name, at::ScalarType dtype, int64_t m_bucket, int64_t r_bucket,
+                     c10::string_view backend);
+void clear_auto_choices();
+void set_triton_installed(bool installed);
+std::string auto_backend(c10::string_view device_name, int64_t cc_major, at::ScalarType dtype, int64_t M, int64_t r,
+                         bool tf32, bool triton, bool cuda_kernels);
+
 namespace {
 
-// weight (out, in), A (in, r), R (r, r), B (r, out): shapes agree, one dtype (R may be fp32), one device.
-void check_layer(const char* op, const at::Tensor& ref, const at::Tensor& weight, const at::Tensor& A,
-                 const at::Tensor& R, const at::Tensor& B) {
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out, in), got ", weight.sizes());
-  const int64_t in = weight.size(1), out = weight.size(0);
-  TORCH_CHECK(A.dim() == 2 && A.size(0) == in, op, ": A must be (", in, ", r), got ", A.sizes());
-  const int64_t r = A.size(1);
-  TORCH_CHECK(R.dim() == 2 && R.size(0) == r && R.size(1) == r, op, ": R must be (", r, ", ", r, "), got ", R.sizes());
-  TORCH_CHECK(B.dim() == 2 && B.size(0) == r && B.size(1) == out, op, ": B must be (", r, ", ", out, "), got ",
-              B.sizes());
-  TORCH_CHECK(at::isFloatingType(ref.scalar_type()), op, ": inputs must be floating point, got ", ref.scalar_type());
-  for (const at::Tensor* t : {&weight, &A, &B}) {
-    TORCH_CHECK(t->scalar_type() == ref.scalar_type(), op, ": dtype ", t->scalar_type(), " does not match ",
-                ref.scalar_type());
+// Cast like F.linear under torch.autocast: floating tensors other than fp64 go to the autocast
+// dtype. An fp32 R stays fp32: the op takes an fp32 master R beside half weights.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, double scaling,
+                  c10::string_view backend) {
+  static const auto fwd = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("loraxs::linear_fwd", "")
+                              .typed<Fwd(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                         c10::string_view)>();
+  const c10::DeviceType dev = x.device().type();
+  if (at::autocast::is_autocast_available(dev) && at::autocast::is_autocast_enabled(dev)) {
+    const at::ScalarType to = at::autocast::get_autocast_dtype(dev);
+    auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(to, t, dev); };
+    const at::Tensor Rc = R.scalar_type() == at::kFloat ? R : cast(R);
+    return std::get<0>(fwd.call(cast(x), cast(weight), at::autocast::cached_cast(to, bias, dev), cast(A), Rc, cast(B),
+                                scaling, backend));
   }
-  TORCH_CHECK(R.scalar_type() == ref.scalar_type() || R.scalar_type() == at::kFloat, op,
-              ": R must be the layer's dtype or float32, got ", R.scalar_type());
-  for (const at::Tensor* t : {&weight, &A, &R, &B}) {
-    TORCH_CHECK(t->device() == ref.device(), op, ": a tensor is on ", t->device(), " but the input is on ", ref.device());
-  }
+  return std::get<0>(fwd.call(x, weight, bias, A, R, B, scaling, backend));
 }
 
 }  // namespace
-
-void check_forward_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                        const at::Tensor& A, const at::Tensor& R, const at::Tensor& B) {
-  check_layer("loraxs native_fwd", x, weight, A, R, B);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == weight.size(1), "loraxs native_fwd: x ", x.sizes(), " must be (M, ",
-              weight.size(1), ") to match weight ", weight.sizes());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "loraxs native_fwd: bias must be (",
-                weight.size(0), "), got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
-                "loraxs native_fwd: bias must match x's dtype and device");
-  }
-}
-
-void check_backward_args(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
-                         const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, bool need_R) {
-  check_layer("loraxs native_bwd", grad_out, weight, A, R, B);
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(1) == weight.size(0), "loraxs native_bwd: grad_out ",
-              grad_out.sizes(), " must be (M, ", weight.size(0), ")");
-  if (!need_R) return;  // xa is read only for grad_R (it may be an empty placeholder otherwise)
-  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == grad_out.size(0) && xa.size(1) == A.size(1), "loraxs native_bwd: xa must be (",
-              grad_out.size(0), ", ", A.size(1), "), got ", xa.sizes());
-  TORCH_CHECK(xa.scalar_type() == grad_out.scalar_type() && xa.device() == grad_out.device(),
-              "loraxs native_bwd: xa must match grad_out's dtype and device");
-}
-
 }  // namespace loraxs
 
-TORCH_LIBRARY_FRAGMENT(loraxs, m) {
-  m.def("native_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor R, Tensor B, float scaling) -> (Tensor, Tensor)");
-  m.def("native_bwd(Tensor grad_out, Tensor xa, Tensor weight, Tensor A, Tensor R, Tensor B, float scaling, "
-        "bool need_x, bool need_R) -> (Tensor, Tensor)");
+TORCH_LIBRARY(loraxs, m) {
+  // Fake kernels of linear_fwd / linear_bwd live in Python; this tells torch where.
+  m.set_python_module("loraxs_kernels.ops.fake");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor R, Tensor B, float scaling=1.0, "
+        "str backend=\"auto\") -> Tensor");
+  m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor R, Tensor B, float scaling, "
+        "str backend) -> (Tensor, Tensor)");
+  m.def("linear_bwd(Tensor grad_out, Tensor xa, Tensor weight, Tensor A, Tensor R, Tensor B, float scaling, "
+        "bool need_x, bool need_R, str backend) -> (Tensor, Tensor)");
+  // The Python backends ("torch", "triton"), called by the device kernels above when a call names
+  // them; x and grad_out arrive as (M, ·), already checked.
+  m.def("py_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor R, Tensor B, float scaling, "
+        "str backend) -> (Tensor, Tensor)");
+  m.def("py_bwd(Tensor grad_out, Tensor xa, Tensor weight, Tensor A, Tensor R, Tensor B, float scaling, "
+        "bool need_x, bool need_R, str backend) -> (Tensor, Tensor)");
+  // "auto" on CUDA: the measured table's entries, and the choice itself for any (GPU, dtype, shape),
+  // so that the rule runs in the tests of a machine without a GPU.
+  m.def("set_auto_choice(str device_name, ScalarType dtype, int M_bucket, int r_bucket, str backend) -> ()",
+        &loraxs::set_auto_choice);
+  m.def("clear_auto_choices() -> ()", &loraxs::clear_auto_choices);
+  m.def("set_triton_installed(bool installed) -> ()", &loraxs::set_triton_installed);
+  m.def("auto_backend(str device_name, int cc_major, ScalarType dtype, int M, int r, bool tf32, bool triton, "
+        "bool cuda_kernels) -> str",
+        &loraxs::auto_backend);
 }
+
+TORCH_LIBRARY_IMPL(loraxs, CompositeImplicitAutograd, m) { m.impl("linear", &loraxs::linear); }

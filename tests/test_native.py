@@ -1,4 +1,4 @@
-"""The C++ CPU kernel (backend "cpp", torch.ops.loraxs.native_fwd / native_bwd) against the reference.
+"""The C++ CPU kernel (backend "cpp", torch.ops.loraxs.linear_fwd / linear_bwd) against the reference.
 
 Runs on the package's build (loraxs_kernels/_C*.so) or, when LORAXS_NATIVE_LIB names a library (the
 CMake build: `make cmake-check`), on that one. A missing extension FAILS these tests: CI must never
@@ -18,11 +18,11 @@ from common import (
     DTYPES,
     SHAPES,
     allow_no_native,
-    assert_close,
+    assert_matches_reference,
+    assert_within_bound,
     check_against_reference,
     make_inputs,
     native_reason,
-    reference_fp64,
 )
 from loraxs_kernels.backends import native
 
@@ -62,8 +62,11 @@ def test_library_is_the_requested_build():
 
 
 def test_cpu_kernels_registered():
-    for op in ("loraxs::native_fwd", "loraxs::native_bwd"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
+    """The op is C++ end to end: device kernels and the autograd formula (no Python kernel)."""
+    for op in ("loraxs::linear_fwd", "loraxs::linear_bwd"):
+        for key in ("CPU", "Autograd"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), (op, key)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("loraxs::linear", "CompositeImplicitAutograd")
     assert loraxs_kernels.backends.unavailable_reason("cpp", torch.device("cpu")) is None
 
 
@@ -76,22 +79,21 @@ def test_native_ops_direct(dtype, shape, bias):
     x, w, b, A, R, B = make_inputs(lead, i, o, r, dtype=dtype, bias=bias, requires_grad=False)
     s = -0.8
     x2 = x.reshape(-1, i)
-    y, xa = torch.ops.loraxs.native_fwd(x2, w, b, A, R, B, s)
+    y, xa = torch.ops.loraxs.linear_fwd(x2, w, b, A, R, B, s, "cpp")
     g = torch.randn(*lead, o, generator=torch.Generator().manual_seed(4)).to(dtype)
-    y_ref, gx_ref, gR_ref = reference_fp64(x, w, b, A, R, B, s, g)
     assert y.dtype == dtype and xa.dtype == dtype
-    assert_close(y, y_ref.reshape(-1, o), dtype, "native_fwd y")
-    assert_close(xa, x2.double() @ A.double(), dtype, "native_fwd xa")
+    assert_matches_reference(y, None, None, (x, w, b, A, R, B), s, dtype, "native_fwd")
+    assert_within_bound(xa, x2.double() @ A.double(), x2.double().abs() @ A.double().abs(), dtype, "native_fwd xa", i)
     for need_x, need_R in [(True, True), (True, False), (False, True)]:
-        gx, gR = torch.ops.loraxs.native_bwd(g.reshape(-1, o), xa, w, A, R, B, s, need_x, need_R)
+        gx, gR = torch.ops.loraxs.linear_bwd(g.reshape(-1, o), xa, w, A, R, B, s, need_x, need_R, "cpp")
         if need_x:
             assert gx.dtype == dtype
-            assert_close(gx, gx_ref.reshape(-1, i), dtype, "native_bwd grad_x")
+            assert_matches_reference(None, gx, None, (x, w, b, A, R, B), s, dtype, "native_bwd", grad_out=g)
         else:
             assert gx.numel() == 0
         if need_R:
             assert gR.dtype == R.dtype
-            assert_close(gR, gR_ref, dtype, "native_bwd grad_R")
+            assert_matches_reference(None, None, gR, (x, w, b, A, R, B), s, dtype, "native_bwd", grad_out=g)
         else:
             assert gR.numel() == 0
 
@@ -99,27 +101,21 @@ def test_native_ops_direct(dtype, shape, bias):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_native_fp32_master_R(dtype):
     x, w, b, A, R, B = make_inputs((50,), 24, 20, 4, dtype=dtype, r_dtype=torch.float32, requires_grad=False)
-    y, xa = torch.ops.loraxs.native_fwd(x, w, b, A, R, B, 0.5)
+    y, xa = torch.ops.loraxs.linear_fwd(x, w, b, A, R, B, 0.5, "cpp")
     g = torch.randn(50, 20).to(dtype)
-    gx, gR = torch.ops.loraxs.native_bwd(g, xa, w, A, R, B, 0.5, True, True)
-    y_ref, gx_ref, gR_ref = reference_fp64(x, w, b, A, R, B, 0.5, g)
+    gx, gR = torch.ops.loraxs.linear_bwd(g, xa, w, A, R, B, 0.5, True, True, "cpp")
     assert (y.dtype, gx.dtype, gR.dtype) == (dtype, dtype, torch.float32)
-    assert_close(y, y_ref, dtype, "y")
-    assert_close(gx, gx_ref, dtype, "grad_x")
-    assert_close(gR, gR_ref, dtype, "grad_R")
+    assert_matches_reference(y, gx, gR, (x, w, b, A, R, B), 0.5, dtype, "fp32 R", grad_out=g)
 
 
 def test_native_strided_inputs():
     """x transposed and grad_out expanded (stride 0), as autograd may hand them in."""
     x, w, b, A, R, B = make_inputs((9,), 24, 20, 4, requires_grad=False)
     xt = x.t().contiguous().t()
-    y, xa = torch.ops.loraxs.native_fwd(xt, w, b, A, R, B, 0.5)
+    y, xa = torch.ops.loraxs.linear_fwd(xt, w, b, A, R, B, 0.5, "cpp")
     g = torch.ones(1, 1).expand(9, 20)
-    gx, gR = torch.ops.loraxs.native_bwd(g, xa, w, A, R, B, 0.5, True, True)
-    y_ref, gx_ref, gR_ref = reference_fp64(x, w, b, A, R, B, 0.5, g)
-    assert_close(y, y_ref, torch.float32, "y")
-    assert_close(gx, gx_ref, torch.float32, "grad_x")
-    assert_close(gR, gR_ref, torch.float32, "grad_R")
+    gx, gR = torch.ops.loraxs.linear_bwd(g, xa, w, A, R, B, 0.5, True, True, "cpp")
+    assert_matches_reference(y, gx, gR, (x, w, b, A, R, B), 0.5, torch.float32, "strided", grad_out=g)
 
 
 # ------------------------------------------------------------------------- parity, through the op
@@ -148,42 +144,44 @@ def _fwd_args(**replace):
     return args
 
 
-FWD_CASES = [
-    ("x 3-D", dict(x=torch.randn(2, 3, 16)), r"x \[2, 3, 16\] must be \(M, 16\)"),
-    ("x features", dict(x=torch.randn(5, 15)), r"x \[5, 15\] must be \(M, 16\)"),
-    ("weight 1-D", dict(weight=torch.randn(16)), r"weight must be 2-D .*\[16\]"),
-    ("A rows", dict(A=torch.randn(15, 4)), r"A must be \(16, r\), got \[15, 4\]"),
-    ("R shape", dict(R=torch.randn(4, 5)), r"R must be \(4, 4\), got \[4, 5\]"),
-    ("B shape", dict(B=torch.randn(4, 11)), r"B must be \(4, 12\), got \[4, 11\]"),
-    ("bias shape", dict(bias=torch.randn(11)), r"bias must be \(12\), got \[11\]"),
-    ("weight dtype", dict(weight=torch.randn(12, 16, dtype=torch.float64)), r"dtype Double does not match Float"),
-    ("R dtype", dict(R=torch.randn(4, 4, dtype=torch.float64)), r"R must be the layer's dtype or float32, got Double"),
-    ("bias dtype", dict(bias=torch.randn(12, dtype=torch.float64)), r"bias must match x's dtype"),
+FWD_CASES = [  # the contract's own words (csrc/contract.cpp), for direct callers of linear_fwd too
+    ("x features", dict(x=torch.randn(5, 15)), ValueError, r"x has 15 features \(shape \(5, 15\)\) but weight expects 16"),
+    ("x 0-D", dict(x=torch.tensor(1.0)), ValueError, r"x must have at least one dimension"),
+    ("weight 1-D", dict(weight=torch.randn(16)), ValueError, r"weight must be 2-D .* got shape \(16\)"),
+    ("A rows", dict(A=torch.randn(15, 4)), ValueError, r"A must have shape \(in_features=16, r\), got \(15, 4\)"),
+    ("R shape", dict(R=torch.randn(4, 5)), ValueError, r"R must have shape \(r, r\) = \(4, 4\) .* got \(4, 5\)"),
+    ("B shape", dict(B=torch.randn(4, 11)), ValueError, r"B must have shape \(r, out_features\) = \(4, 12\) .* got \(4, 11\)"),
+    ("bias shape", dict(bias=torch.randn(11)), ValueError, r"bias must have shape \(12,\) .* got \(11\)"),
+    ("weight dtype", dict(weight=torch.randn(12, 16, dtype=torch.float64)), TypeError,
+     r"weight has dtype torch.float64 but x has dtype torch.float32"),
+    ("R dtype", dict(R=torch.randn(4, 4, dtype=torch.float64)), TypeError, r"R has dtype torch.float64"),
+    ("bias dtype", dict(bias=torch.randn(12, dtype=torch.float64)), TypeError, r"bias has dtype torch.float64"),
 ]
 
 
-@pytest.mark.parametrize("replace,match", [c[1:] for c in FWD_CASES], ids=[c[0] for c in FWD_CASES])
-def test_native_fwd_rejects(replace, match):
+@pytest.mark.parametrize("replace,exc,match", [c[1:] for c in FWD_CASES], ids=[c[0] for c in FWD_CASES])
+def test_native_fwd_rejects(replace, exc, match):
     a = _fwd_args(**replace)
-    with pytest.raises(RuntimeError, match=match):
-        torch.ops.loraxs.native_fwd(a["x"], a["weight"], a["bias"], a["A"], a["R"], a["B"], 1.0)
+    with pytest.raises(exc, match=match):
+        torch.ops.loraxs.linear_fwd(a["x"], a["weight"], a["bias"], a["A"], a["R"], a["B"], 1.0, "cpp")
 
 
 BWD_CASES = [
-    ("grad_out features", dict(grad_out=torch.randn(5, 11)), r"grad_out \[5, 11\] must be \(M, 12\)"),
-    ("grad_out 3-D", dict(grad_out=torch.randn(1, 5, 12)), r"grad_out \[1, 5, 12\] must be \(M, 12\)"),
-    ("xa rows", dict(xa=torch.randn(4, 4)), r"xa must be \(5, 4\), got \[4, 4\]"),
-    ("xa rank", dict(xa=torch.randn(5, 3)), r"xa must be \(5, 4\), got \[5, 3\]"),
-    ("xa dtype", dict(xa=torch.randn(5, 4, dtype=torch.float64)), r"xa must match grad_out's dtype"),
-    ("B shape", dict(B=torch.randn(4, 13)), r"B must be \(4, 12\), got \[4, 13\]"),
-    ("R dtype", dict(R=torch.randn(4, 4, dtype=torch.bfloat16)), r"R must be the layer's dtype or float32, got BFloat16"),
+    ("grad_out features", dict(grad_out=torch.randn(5, 11)), ValueError, r"grad_out \(5, 11\) must be \(\.\.\., 12\)"),
+    ("grad_out 0-D", dict(grad_out=torch.tensor(1.0)), ValueError, r"grad_out \(\) must be \(\.\.\., 12\)"),
+    ("xa rows", dict(xa=torch.randn(4, 4)), ValueError, r"xa must be \(5, 4\), got \(4, 4\)"),
+    ("xa rank", dict(xa=torch.randn(5, 3)), ValueError, r"xa must be \(5, 4\), got \(5, 3\)"),
+    ("xa dtype", dict(xa=torch.randn(5, 4, dtype=torch.float64)), TypeError,
+     r"xa has dtype torch.float64 but grad_out has dtype torch.float32"),
+    ("B shape", dict(B=torch.randn(4, 13)), ValueError, r"inconsistent layer: .* B \(4, 13\)"),
+    ("R dtype", dict(R=torch.randn(4, 4, dtype=torch.bfloat16)), TypeError, r"R torch.bfloat16"),
 ]
 
 
-@pytest.mark.parametrize("replace,match", [c[1:] for c in BWD_CASES], ids=[c[0] for c in BWD_CASES])
-def test_native_bwd_rejects(replace, match):
+@pytest.mark.parametrize("replace,exc,match", [c[1:] for c in BWD_CASES], ids=[c[0] for c in BWD_CASES])
+def test_native_bwd_rejects(replace, exc, match):
     x, w, b, A, R, B = make_inputs((5,), 16, 12, 4, requires_grad=False)
     a = dict(grad_out=torch.randn(5, 12), xa=x @ A, weight=w, A=A, R=R, B=B)
     a.update(replace)
-    with pytest.raises(RuntimeError, match=match):
-        torch.ops.loraxs.native_bwd(a["grad_out"], a["xa"], a["weight"], a["A"], a["R"], a["B"], 1.0, True, True)
+    with pytest.raises(exc, match=match):
+        torch.ops.loraxs.linear_bwd(a["grad_out"], a["xa"], a["weight"], a["A"], a["R"], a["B"], 1.0, True, True, "cpp")

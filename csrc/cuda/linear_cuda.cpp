@@ -1,5 +1,6 @@
-// CUDA kernels of the native ops (schemas in csrc/ops.cpp): argument checks, allocation, the
-// current stream, the launches, and the dispatcher registration. The kernels themselves are
+// The CUDA kernels of linear_fwd / linear_bwd (schemas in csrc/ops.cpp): the contract check, the
+// backend choice ("auto": csrc/backend.cpp), and for the "cuda" backend allocation, the current
+// stream and the launches. The kernels themselves are
 // torch-free (kernels/*.cuh behind kernels/launch.h, instantiated in the .cu files next to this one).
 //
 // This file is plain host C++: it includes ATen and c10/cuda headers but launches nothing with
@@ -35,9 +36,10 @@ namespace lc = loraxs::cuda;
 struct DeviceInfo {
   int num_sms = 0;
   int cc_major = 0;
+  std::string name;
 };
 
-// SM count and compute capability, queried once per device.
+// SM count, compute capability and name, queried once per device.
 DeviceInfo device_info(int device) {
   static std::mutex mu;
   static std::unordered_map<int, DeviceInfo> cache;
@@ -47,6 +49,9 @@ DeviceInfo device_info(int device) {
   DeviceInfo info;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor, device));
+  cudaDeviceProp prop;
+  C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  info.name = prop.name;
   cache.emplace(device, info);
   return info;
 }
@@ -132,12 +137,9 @@ lc::GemmArgs gemm_args(const at::Tensor& C, int64_t K1, lc::Operand P1, lc::Oper
   return a;
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x_in, const at::Tensor& weight,
-                                                   const std::optional<at::Tensor>& bias, const at::Tensor& A,
-                                                   const at::Tensor& R, const at::Tensor& B, double scaling) {
-  check_forward_args(x_in, weight, bias, A, R, B);
+// ------------------------------------------------------------------- the "cuda" backend, (M, ·) inputs
+Fwd cuda_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                 const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, double scaling) {
   const int64_t M = x_in.size(0), in = weight.size(1), out = weight.size(0), r = A.size(1);
   check_cuda_inputs("loraxs native_fwd", x_in, r);
   const lc::DType dt = dtype_of(x_in.scalar_type());
@@ -192,10 +194,8 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd_cuda(const at::Tensor& x_in, const
   return {y, xa};
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& xa,
-                                                   const at::Tensor& weight, const at::Tensor& A, const at::Tensor& R,
-                                                   const at::Tensor& B, double scaling, bool need_x, bool need_R) {
-  check_backward_args(grad_out, xa, weight, A, R, B, need_R);
+Bwd cuda_backward(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight, const at::Tensor& A,
+                  const at::Tensor& R, const at::Tensor& B, double scaling, bool need_x, bool need_R) {
   const int64_t M = grad_out.size(0), in = weight.size(1), r = A.size(1);
   check_cuda_inputs("loraxs native_bwd", grad_out, r);
   const lc::DType dt = dtype_of(grad_out.scalar_type());
@@ -245,9 +245,78 @@ std::tuple<at::Tensor, at::Tensor> linear_bwd_cuda(const at::Tensor& grad_out, c
   return {grad_x, grad_R};
 }
 
+// ------------------------------------------------------------------------ the CUDA dispatch key
+Backend resolve(Backend asked, const at::Tensor& ref, int64_t M, int64_t r) {
+  if (asked != Backend::kAuto) return asked;
+  const DeviceInfo info = device_info(ref.get_device());
+  CudaContext c;
+  c.device_name = info.name;
+  c.cc_major = info.cc_major;
+  c.tf32 = at::globalContext().allowTF32CuBLAS();
+  c.triton = triton_installed();
+  c.cuda_kernels = true;
+  return choose_cuda_backend(c, ref.scalar_type(), M, r);
+}
+
+Fwd linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                    const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, double scaling,
+                    c10::string_view backend) {
+  const Backend asked = parse_backend(backend);
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // inputs are cast already
+  check_inputs(x, weight, bias, A, R, B);
+  const int64_t in = weight.size(1), out = weight.size(0);
+  const at::Tensor x2 = x.reshape({-1, in});
+  switch (resolve(asked, x, x2.size(0), A.size(1))) {
+    case Backend::kCuda: {
+      auto [y2, xa] = cuda_forward(x2, weight, bias, A, R, B, scaling);
+      return {unflatten_fresh(y2, x.sizes(), out), xa};
+    }
+    case Backend::kTorch:
+      // "auto" chose cuBLAS: the C++ ATen schedule. A call that names "torch" gets the Python backend.
+      if (asked == Backend::kAuto) return aten_forward(x, weight, bias, A, R, B, scaling);
+      [[fallthrough]];
+    case Backend::kTriton: {
+      const Backend py = asked == Backend::kAuto ? Backend::kTriton : asked;
+      auto [y2, xa] = call_python_fwd(x2, weight, bias, A, R, B, scaling, py);
+      return {unflatten_fresh(y2, x.sizes(), out), xa};
+    }
+    default:
+      break;
+  }
+  TORCH_CHECK(false, "backend 'cpp' is the C++ extension's CPU kernel; tensors are on ", x.device());
+}
+
+Bwd linear_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight, const at::Tensor& A,
+                    const at::Tensor& R, const at::Tensor& B, double scaling, bool need_x, bool need_R,
+                    c10::string_view backend) {
+  const Backend asked = parse_backend(backend);
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  check_backward_inputs(grad_out, xa, weight, A, R, B, need_R);
+  const int64_t in = weight.size(1), out = weight.size(0);
+  const at::Tensor g2 = grad_out.reshape({-1, out});
+  switch (resolve(asked, grad_out, g2.size(0), A.size(1))) {
+    case Backend::kCuda: {
+      auto [gx2, gR] = cuda_backward(g2, xa, weight, A, R, B, scaling, need_x, need_R);
+      return {need_x ? unflatten_fresh(gx2, grad_out.sizes(), in) : gx2, gR};
+    }
+    case Backend::kTorch:
+      if (asked == Backend::kAuto) return aten_backward(grad_out, xa, weight, A, R, B, scaling, need_x, need_R);
+      [[fallthrough]];
+    case Backend::kTriton: {
+      const Backend py = asked == Backend::kAuto ? Backend::kTriton : asked;
+      auto [gx2, gR] = call_python_bwd(g2, xa, weight, A, R, B, scaling, need_x, need_R, py);
+      return {need_x ? unflatten_fresh(gx2, grad_out.sizes(), in) : gx2, gR};
+    }
+    default:
+      break;
+  }
+  TORCH_CHECK(false, "backend 'cpp' is the C++ extension's CPU kernel; tensors are on ", grad_out.device());
+}
+
+}  // namespace
 }  // namespace loraxs
 
 TORCH_LIBRARY_IMPL(loraxs, CUDA, m) {
-  m.impl("native_fwd", &loraxs::linear_fwd_cuda);
-  m.impl("native_bwd", &loraxs::linear_bwd_cuda);
+  m.impl("linear_fwd", &loraxs::linear_fwd_cuda);
+  m.impl("linear_bwd", &loraxs::linear_bwd_cuda);
 }

@@ -1,6 +1,12 @@
 """The backends behind the op, and how "auto" picks one.
 
-A backend is a module with:
+With the C++ extension built, the op itself resolves the backend (csrc/backend.cpp): "cpp" on the CPU,
+and on CUDA the measured table, the GPU's capability and the dtype. This module says which backends
+can run where (available, unavailable_reason), mirrors the choice for reporting (auto_name), and
+loads the Python backends ("torch", "triton") that the op calls through loraxs::py_fwd / py_bwd, and
+that the build-less fallback runs.
+
+A Python backend is a module with:
     NAME: str
     unavailable_reason(device) -> str | None       why it cannot run on that device (None: it can)
     forward(x, weight, bias, A, R, B, scaling) -> (y, xa)
@@ -9,8 +15,8 @@ A backend is a module with:
         grad_out (M, out) in any strides (autograd may hand in an expanded, stride-0 tensor);
         grad_x (M, in) in grad_out's dtype; grad_R (r, r) in R's dtype. xa is read only when need_R;
         otherwise it is an empty (0, r) tensor (the op keeps x A only when R needs a gradient).
-The op (loraxs_kernels/ops/linear.py) has already checked shapes, dtypes and devices, and flattened
-x to 2-D; M may be 0. R may be fp32 beside half-precision weights: compute in x's dtype.
+The op has already checked shapes, dtypes and devices, and flattened x to 2-D; M may be 0. R may be
+fp32 beside half-precision weights: compute in x's dtype.
 """
 
 from __future__ import annotations
@@ -65,8 +71,23 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     return module.unavailable_reason(device)
 
 
-def available(device: torch.device) -> list[str]:
-    """The concrete backends that can run on `device` (for the one "auto" picks, see auto_name)."""
+def require(name: str, device: torch.device | None) -> None:
+    """Raise ValueError for an unknown name, BackendUnavailable (with the reason) for one that
+    cannot run on `device`; device None (a non-tensor input) leaves the rest to the op's checks."""
+    check_name(name)
+    if device is not None:
+        reason = unavailable_reason(name, device)
+        if reason is not None:
+            raise BackendUnavailable(reason)
+
+
+def available(device: torch.device, *, reasons: bool = False):
+    """The concrete backends that can run on `device` (for the one "auto" picks, see auto_name).
+
+    reasons=True: a dict of every backend → None when it can run, else why not (what is missing)."""
+    device = torch.device(device)
+    if reasons:
+        return {n: unavailable_reason(n, device) for n in _MODULES}
     return [n for n in _MODULES if unavailable_reason(n, device) is None]
 
 
@@ -76,17 +97,19 @@ def _device_name(device: torch.device) -> str:
 
 
 def auto_name(device: torch.device, dtype: torch.dtype, M: int, rank: int) -> str:
-    """The backend "auto" runs for this device, dtype and shape."""
+    """The backend "auto" runs for this device, dtype and shape (the op decides in C++; this asks it)."""
+    device = torch.device(device)
+    built = unavailable_reason("cpp", torch.device("cpu")) is None
     if device.type == "cuda":
-        # Triton by default; CUDA C++ where the measured table (auto_table.json) says it is faster.
-        first = auto_table.choose(_device_name(device), str(dtype).removeprefix("torch."), M, rank)
-        preference = (first, "triton", "cuda", "torch")
-    else:  # CPU (and anything else ATen runs on): the C++ kernel when built, else ATen from Python.
-        preference = ("cpp", "torch")
-    for name in preference:
-        if unavailable_reason(name, device) is None:
-            return name
-    return "torch"
+        if not built:  # the fallback runs the Python backends only
+            return "triton" if unavailable_reason("triton", device) is None else "torch"
+        major, _ = torch.cuda.get_device_capability(device)
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        return torch.ops.loraxs.auto_backend(
+            _device_name(device), major, dtype, M, rank, tf32,
+            unavailable_reason("triton", device) is None, unavailable_reason("cuda", device) is None,
+        )
+    return "cpp" if built and device.type == "cpu" else "torch"
 
 
 def get(name: str, device: torch.device, dtype: torch.dtype, M: int, rank: int):

@@ -4,9 +4,11 @@ The table lives beside this file (auto_table.json) and is written from a benchma
 
     python -m loraxs_kernels.tools.tune_auto benchmarks/results/<run>/results.json
 
-For each (GPU name, dtype, M bucket, rank bucket) it records the faster of "triton" and "cuda" in `full`
-mode (forward + backward, median time). A shape with no measurement falls back to Triton, the
-default GPU backend. The table ships empty until a GPU run has measured it: no entry is guessed.
+For each (GPU name, dtype, M bucket, rank bucket) it records the fastest backend in `full` mode
+(forward + backward, median time). The op reads it in C++ (csrc/backend.cpp; loraxs_kernels.ops hands
+it over when the library loads); a shape with no measurement gets the rule there (Triton for
+fp16/bf16 and TF32 fp32, cuBLAS for fp64 and strict fp32, cuBLAS below sm_80). The table ships
+empty until a GPU run has measured it: no entry is guessed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ def load(path: str = TABLE_PATH) -> dict:
         return {}
     with open(path) as f:
         return json.load(f).get("choices", {})
+
+
+def entries(path: str = TABLE_PATH) -> list[tuple[tuple[str, str, int, int], str]]:
+    """Every measured entry as ((device name, dtype, M bucket, rank bucket), backend), for the C++ op."""
+    out = []
+    for k, choice in load(path).items():
+        device_name, dtype, m, r = k.rsplit("|", 3)
+        out.append(((device_name, dtype, int(m.removeprefix("M<=")), int(r.removeprefix("r<="))), choice))
+    return out
 
 
 def choose(device_name: str, dtype: str, M: int, rank: int, default: str = "triton") -> str:

@@ -1,8 +1,7 @@
-"""The C++ extension (csrc/): backend "cpp" on CPU tensors, backend "cuda" on CUDA tensors.
+"""The C++ extension (csrc/): the op itself, backend "cpp" on CPU tensors, backend "cuda" on CUDA tensors.
 
-The extension registers two ops, torch.ops.loraxs.native_fwd and native_bwd, with one kernel per
-dispatch key (csrc/cpu for CPU, csrc/cuda for CUDA when it was built with CUDA). This module only
-loads the library and forwards to them.
+The extension defines torch.ops.loraxs.linear / linear_fwd / linear_bwd with one kernel per dispatch
+key (csrc/cpu for CPU, csrc/cuda for CUDA when it was built with CUDA). This module only loads it.
 
 It is loaded from the package (`loraxs_kernels/_C*.so`, built by setup.py), or from the file named by
 LORAXS_NATIVE_LIB (a CMake build; CI uses this to test that build too).
@@ -49,17 +48,9 @@ def unavailable_reason(device: torch.device) -> str | None:
     if reason is not None:
         return reason
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key("loraxs::native_fwd", key):
+    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key("loraxs::linear_fwd", key):
         return f"the C++ extension was built without a kernel for {device.type} (see setup.py: CUDA needs a CUDA torch and nvcc)"
     if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is available"
     return None
 
-
-def forward(x, weight, bias, A, R, B, scaling):
-    return torch.ops.loraxs.native_fwd(x, weight, bias, A, R, B, scaling)
-
-
-def backward(grad_out, xa, weight, A, R, B, scaling, need_x, need_R):
-    grad_x, grad_R = torch.ops.loraxs.native_bwd(grad_out, xa, weight, A, R, B, scaling, need_x, need_R)
-    return (grad_x if need_x else None), (grad_R if need_R else None)

@@ -1,0 +1,147 @@
+// The layer in ATen GEMM calls: the CPU kernel (MKL/oneDNN underneath), and cuBLAS on CUDA where
+// "auto" picks it. On a CPU the GEMMs are the whole cost, so the job is to issue as few and as
+// large ones as possible, with no (M×out) temporary beyond y and no (M×in) temporary beyond grad_x.
+// Same two schedules as the Python "torch" backend (loraxs_kernels/backends/pytorch.py, which
+// explains the choice); the point of this one is the host cost: no Python between the caller and
+// the GEMMs, which at decoding sizes is most of the time.
+//
+// The CPU kernels of linear_fwd / linear_bwd are here too: check the contract once, then run the
+// backend the call names ("auto" and "cpp": this file; "torch" and "triton": the Python backends).
+#include <torch/library.h>
+
+#include "../loraxs.h"
+
+namespace loraxs {
+namespace {
+
+// Folding s·(A R B)ᵀ into W costs 2·r·in·out FLOPs once; keeping it low-rank costs 2·M·r·(in+out).
+bool merge_pays(int64_t M, int64_t in, int64_t out) { return M * (in + out) > in * out; }
+
+// W + s·(A R B)ᵀ = W + s · Bᵀ (A R)ᵀ, as one addmm. R is already in the layer's dtype.
+at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& A, const at::Tensor& R, const at::Tensor& B,
+                         double scaling) {
+  return at::addmm(weight, B.t(), at::mm(A, R).t(), /*beta=*/1, /*alpha=*/scaling);
+}
+
+// y2 = x2 wᵀ (+ bias), written into y2 (a 2-D view of the output).
+void base_gemm(at::Tensor& y2, const at::Tensor& x2, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  if (bias.has_value()) {
+    at::addmm_out(y2, *bias, x2, w.t());
+  } else {
+    at::mm_out(y2, x2, w.t());
+  }
+}
+
+}  // namespace
+
+at::DimVector with_last(at::IntArrayRef lead_and_last, int64_t last) {
+  at::DimVector shape(lead_and_last.begin(), lead_and_last.end());
+  shape.back() = last;
+  return shape;
+}
+
+at::Tensor unflatten_fresh(const at::Tensor& t2, at::IntArrayRef lead_and_last, int64_t last) {
+  // _unsafe_view: the same storage under a new shape, not recorded as a view (t2 is ours alone).
+  const at::Tensor c = t2.is_contiguous() ? t2 : t2.contiguous();
+  return at::_unsafe_view(c, with_last(lead_and_last, last));
+}
+
+Fwd aten_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                 const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, double scaling) {
+  const int64_t in = weight.size(1), out = weight.size(0);
+  const at::Tensor x2 = x.reshape({-1, in});
+  const at::Tensor Rc = R.to(x.scalar_type());
+  at::Tensor y = at::empty(with_last(x.sizes(), out), x.options());
+  at::Tensor y2 = y.view({x2.size(0), out});
+  at::Tensor xa = at::mm(x2, A);
+  if (merge_pays(x2.size(0), in, out)) {
+    base_gemm(y2, x2, merged_weight(weight, A, Rc, B, scaling), bias);
+  } else {
+    base_gemm(y2, x2, weight, bias);
+    y2.addmm_(at::mm(xa, Rc), B, /*beta=*/1, /*alpha=*/scaling);
+  }
+  return {y, xa};
+}
+
+Bwd aten_backward(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight, const at::Tensor& A,
+                  const at::Tensor& R, const at::Tensor& B, double scaling, bool need_x, bool need_R) {
+  const int64_t in = weight.size(1), out = weight.size(0);
+  const at::Tensor g2 = grad_out.reshape({-1, out});
+  const at::Tensor Rc = R.to(grad_out.scalar_type());
+  const bool merged = merge_pays(g2.size(0), in, out);
+  at::Tensor u;  // g Bᵀ (M×r)
+  if (need_R || (need_x && !merged)) u = at::mm(g2, B.t());
+  at::Tensor grad_x = grad_out.new_empty({0});
+  at::Tensor grad_R = R.new_empty({0});
+  if (need_x) {
+    grad_x = at::empty(with_last(grad_out.sizes(), in), grad_out.options());
+    at::Tensor gx2 = grad_x.view({g2.size(0), in});
+    if (merged) {
+      at::mm_out(gx2, g2, merged_weight(weight, A, Rc, B, scaling));
+    } else {
+      at::mm_out(gx2, g2, weight);
+      gx2.addmm_(at::mm(u, Rc.t()), A.t(), /*beta=*/1, /*alpha=*/scaling);
+    }
+  }
+  if (need_R) {
+    // The sum over M tokens runs in fp32 (fp64 for fp64) even for half inputs: M is large, R is tiny.
+    const auto acc = at::promote_types(grad_out.scalar_type(), at::kFloat);
+    grad_R = at::mm(xa.t().to(acc), u.to(acc)).mul_(scaling).to(R.scalar_type());
+  }
+  return {grad_x, grad_R};
+}
+
+namespace {
+
+Fwd linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                   const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, double scaling,
+                   c10::string_view backend) {
+  const Backend b = parse_backend(backend);
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // inputs are cast already
+  check_inputs(x, weight, bias, A, R, B);
+  switch (b) {
+    case Backend::kAuto:
+    case Backend::kCpp:
+      return aten_forward(x, weight, bias, A, R, B, scaling);
+    case Backend::kTorch:
+    case Backend::kTriton: {
+      auto [y2, xa] = call_python_fwd(x.reshape({-1, weight.size(1)}), weight, bias, A, R, B, scaling, b);
+      return {unflatten_fresh(y2, x.sizes(), weight.size(0)), xa};
+    }
+    case Backend::kCuda:
+      break;
+  }
+  TORCH_CHECK(false, "backend 'cuda' is the C++ extension's CUDA kernel and needs CUDA tensors; tensors are on ",
+              x.device());
+}
+
+Bwd linear_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight, const at::Tensor& A,
+                   const at::Tensor& R, const at::Tensor& B, double scaling, bool need_x, bool need_R,
+                   c10::string_view backend) {
+  const Backend b = parse_backend(backend);
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  check_backward_inputs(grad_out, xa, weight, A, R, B, need_R);
+  switch (b) {
+    case Backend::kAuto:
+    case Backend::kCpp:
+      return aten_backward(grad_out, xa, weight, A, R, B, scaling, need_x, need_R);
+    case Backend::kTorch:
+    case Backend::kTriton: {
+      auto [gx2, gR] = call_python_bwd(grad_out.reshape({-1, weight.size(0)}), xa, weight, A, R, B, scaling, need_x,
+                                       need_R, b);
+      return {need_x ? unflatten_fresh(gx2, grad_out.sizes(), weight.size(1)) : gx2, gR};
+    }
+    case Backend::kCuda:
+      break;
+  }
+  TORCH_CHECK(false, "backend 'cuda' is the C++ extension's CUDA kernel and needs CUDA tensors; tensors are on ",
+              grad_out.device());
+}
+
+}  // namespace
+}  // namespace loraxs
+
+TORCH_LIBRARY_IMPL(loraxs, CPU, m) {
+  m.impl("linear_fwd", &loraxs::linear_fwd_cpu);
+  m.impl("linear_bwd", &loraxs::linear_bwd_cpu);
+}
