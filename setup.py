@@ -1,6 +1,7 @@
 """Builds the C++ extension loraxs_kernels._C (csrc/).
 
-A CUDAExtension (csrc/cpu + csrc/cuda, for sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says otherwise)
+A CUDAExtension (csrc/cpu + csrc/cuda, machine code for sm_80 and sm_90 plus compute_90 PTX, which the driver
+JIT-compiles on newer GPUs such as sm_100/sm_120, unless TORCH_CUDA_ARCH_LIST says otherwise)
 when the installed torch has CUDA and nvcc is found; otherwise a CPU-only CppExtension. Set
 LORAXS_CPU_ONLY=1 to force the CPU-only build. The library registers its kernels with torch's
 dispatcher (TORCH_LIBRARY); it has no Python bindings, and loraxs_kernels loads it with
@@ -27,7 +28,7 @@ def extension():
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not os.environ.get("LORAXS_CPU_ONLY")
     cuda_sources = rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
     if with_cuda and cuda_sources:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         nvcc += os.environ.get("LORAXS_NVCC_FLAGS", "").split()
         return CUDAExtension(

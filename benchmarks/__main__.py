@@ -1,4 +1,4 @@
-"""python -m benchmarks [--preset quick|full|smoke] [--device auto|cpu|cuda] [--providers a,b]
+"""python -m benchmarks [--preset quick|full|smoke|overhead] [--device auto|cpu|cuda] [--providers a,b]
                      [--modes forward,backward,full] [--dtypes bf16,fp16] [--out DIR] [--no-plots]
                      [--key-only] [--min-reps N] [--threads N] [--wait-quiet S]
 
@@ -40,8 +40,9 @@ def _csv(text: str | None) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
-    p.add_argument("--preset", choices=PRESETS, default="quick",
-                   help="quick (default; minutes), full (every shape, M, rank and dtype), smoke (seconds)")
+    p.add_argument("--preset", choices=PRESETS + ("overhead",), default="quick",
+                   help="quick (default; minutes), full (every shape, M, rank and dtype), smoke (seconds), "
+                        "overhead (µs per call at tiny shapes: the host's cost; benchmarks/overhead.py)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when a GPU is visible, else cpu")
     p.add_argument("--providers", help="comma-separated subset (default: all)")
@@ -248,6 +249,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.preset == "overhead":
+        from . import overhead
+
+        out_dir = Path(args.out) if args.out else default_out(device)
+        records = overhead.run(device, out_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
+        print((out_dir / "overhead.md").read_text())
+        return {"overhead": records}
     providers = select(_csv(args.providers))
     modes = [m for m in MODES if m in _csv(args.modes)] or list(MODES)
     cases = cases_for(args.preset, device, tuple(_csv(args.dtypes)) or None)

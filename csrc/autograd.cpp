@@ -43,6 +43,9 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [y, xa] = fwd_op().call(x, weight, bias, A, R, B, scaling, backend);
     ctx->mark_non_differentiable({xa});
+    // xa never gets a gradient; without this, autograd would allocate an (M×r) zero tensor for it on
+    // every backward (seen in the profiler at M = 1).
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({R.requires_grad() ? xa : at::Tensor(), weight, A, R, B});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["backend"] = std::string(backend);
@@ -52,6 +55,7 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(8);  // y did not reach the loss
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &weight = saved[1], &A = saved[2], &R = saved[3], &B = saved[4];
     const bool need_x = ctx->needs_input_grad(0);

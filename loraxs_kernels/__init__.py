@@ -11,6 +11,9 @@ from .backends import BackendUnavailable
 from .backends import available as available_backends
 from .modules import FusedLoRAXSLinear, apply_loraxs, merge_loraxs
 from .ops import loraxs_linear
+from . import interop
+from .adapters import fingerprint, load_adapter, save_adapter
+from .interop import export_peft_lora
 
 __all__ = [
     "loraxs_linear",
@@ -20,5 +23,10 @@ __all__ = [
     "reference",
     "available_backends",
     "BackendUnavailable",
+    "save_adapter",
+    "load_adapter",
+    "fingerprint",
+    "export_peft_lora",
+    "interop",
 ]
 __version__ = "0.1.0"

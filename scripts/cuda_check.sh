@@ -22,7 +22,7 @@ OUT=build/cuda-check
 LIB_DIR=build/cuda
 TMP_DIR=build/cuda-temp
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export TORCH_CUDA_ARCH_LIST="8.0;9.0"
+export TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"  # + compute_90 PTX: newer GPUs JIT it (setup.py's default)
 export MAX_JOBS=${MAX_JOBS:-2}
 
 fail() {

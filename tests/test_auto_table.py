@@ -38,8 +38,58 @@ def test_choices_follow_the_measured_times(tmp_path):
     assert choices[auto_table.key("NVIDIA H200", "bfloat16", 3, 10)] == "cuda"
 
 
+def _check_table(table: dict) -> None:
+    """The rules a table "auto" reads must satisfy: every choice names a real backend for a key that
+    parses, and comes with the measurement that made it (same backend, at least one case, and where
+    the measurement is a cuda/triton time ratio, the faster backend)."""
+    from loraxs_kernels.backends import NAMES
+
+    choices, details = table["choices"], table.get("details", {})
+    for k, backend in choices.items():
+        device_name, dtype, m, r = k.rsplit("|", 3)
+        assert device_name and dtype and m.startswith("M<=") and r.startswith("r<="), f"malformed key {k!r}"
+        assert k == auto_table.key(device_name, dtype, int(m[3:]), int(r[3:])), f"{k!r} is not a bucket key"
+        assert backend in NAMES and backend != "auto", f"{k}: unknown backend {backend!r}"
+        assert k in details, f"{k}: chosen without a measurement"
+        d = details[k]
+        assert d["backend"] == backend and d["cases"] >= 1, f"{k}: choice {backend!r} but measured {d}"
+        if "cuda_over_triton" in d:
+            assert backend == ("cuda" if d["cuda_over_triton"] < 1 else "triton"), f"{k}: slower backend chosen {d}"
+    assert set(details) <= set(choices), f"measurements without a choice: {sorted(set(details) - set(choices))}"
+
+
 def test_shipped_table_holds_only_measured_entries():
     with open(auto_table.TABLE_PATH) as f:
-        shipped = json.load(f)
-    # Every choice must come with the measurement that made it.
-    assert set(shipped["choices"]) == set(shipped.get("details", {}))
+        _check_table(json.load(f))
+
+
+def test_table_check_rejects_planted_faults(tmp_path):
+    """_check_table passes a table tune_auto wrote from measurements, and fails each planted fault."""
+    run = {"environment": {"device_name": "NVIDIA H200"},
+           "records": [_rec("triton", 16, 16, 0.050), _rec("cuda", 16, 16, 0.030),
+                       _rec("triton", 8192, 16, 1.00), _rec("cuda", 8192, 16, 1.20)]}
+    results, path = tmp_path / "results.json", tmp_path / "table.json"
+    results.write_text(json.dumps(run))
+    assert tune_auto.main([str(results), "--table", str(path)]) == 0
+    good = json.loads(path.read_text())
+    _check_table(good)
+    k16 = auto_table.key("NVIDIA H200", "bfloat16", 16, 16)
+    k8k = auto_table.key("NVIDIA H200", "bfloat16", 8192, 16)
+    faults = {
+        "a guessed entry": lambda t: t["choices"].__setitem__(auto_table.key("NVIDIA H200", "float16", 1, 4), "cuda"),
+        "the slower backend": lambda t: t["choices"].__setitem__(k8k, "cuda") or t["details"][k8k].update(
+            backend="cuda"),
+        "choice and measurement disagree": lambda t: t["choices"].__setitem__(k16, "triton"),
+        "an unknown backend": lambda t: t["choices"].__setitem__(k16, "cublas") or t["details"][k16].update(
+            backend="cublas"),
+        "a key outside the buckets": lambda t: t["choices"].__setitem__("NVIDIA H200|bfloat16|M<=17|r<=16", "cuda"),
+        "a measurement with no choice": lambda t: t["choices"].pop(k16),
+    }
+    for name, plant in faults.items():
+        bad = json.loads(json.dumps(good))
+        plant(bad)
+        try:
+            _check_table(bad)
+        except (AssertionError, KeyError, ValueError):
+            continue
+        raise AssertionError(f"_check_table accepted a table with {name}: {bad}")

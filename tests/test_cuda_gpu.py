@@ -1,8 +1,8 @@
 """The CUDA C++ backend (csrc/cuda, backend "cuda") against the fp64 reference, on a GPU.
 
-Skipped without a CUDA device or without a CUDA build of the extension (the reason says which).
+Skipped without a CUDA device; with one, a missing CUDA build of the extension fails every test.
 Every case runs forward and backward through loraxs_linear(..., backend="cuda") and compares y,
-grad_x and grad_R with reference_fp64 under tests/common.py's tolerances. Small-M cases run twice:
+grad_x and grad_R with the fp64 reference, per element (tests/common.py). Small-M cases run twice:
 on the decoding kernels (M <= 16, half types) and, with LORAXS_CUDA_DECODE=0, on the tiled GEMMs.
 
     python -m pytest tests/test_cuda_gpu.py -q
@@ -14,13 +14,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common import TOL, assert_close, make_inputs, reference_fp64
+from common import assert_matches_reference, assert_within_bound, make_inputs
 from loraxs_kernels import backends, loraxs_linear
 
 DEVICE = torch.device("cuda")
 REASON = backends.unavailable_reason("cuda", DEVICE)
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=f"backend 'cuda' unavailable: {REASON}")]
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _cuda_backend_present():
+    # Without a GPU conftest.py skips these tests; with one, a missing CUDA build is a failure, not a skip.
+    if REASON is not None:
+        pytest.fail(f"a CUDA device is present but backend 'cuda' is unavailable: {REASON}", pytrace=False)
 
 HALF = [torch.float16, torch.bfloat16]
 ALL = [torch.float32, torch.float16, torch.bfloat16]
@@ -40,14 +47,12 @@ def check(x, w, b, A, R, B, dtype, what, scaling=SCALING, grad_out=None):
     assert y.dtype == x.dtype and y.device.type == "cuda", what
     g = grad_like(y) if grad_out is None else grad_out
     y.backward(g)
-    y_ref, gx_ref, gR_ref = reference_fp64(x, w, b, A, R, B, scaling, g)
-    assert_close(y, y_ref, dtype, f"{what} y")
     if x.requires_grad:
         assert x.grad is not None and x.grad.dtype == x.dtype, what
-        assert_close(x.grad, gx_ref, dtype, f"{what} grad_x")
     if R.requires_grad:
         assert R.grad is not None and R.grad.dtype == R.dtype, what
-        assert_close(R.grad, gR_ref, dtype, f"{what} grad_R")
+    assert_matches_reference(y, x.grad if x.requires_grad else None, R.grad if R.requires_grad else None,
+                             (x, w, b, A, R, B), scaling, dtype, what, grad_out=g)
     return y.detach(), (None if x.grad is None else x.grad.clone()), (None if R.grad is None else R.grad.clone())
 
 
@@ -182,11 +187,8 @@ def test_transposed_weight_and_expanded_grad(dtype, M):
     assert wt.stride() == (1, 48)
     y = loraxs_linear(x, wt, b, A, R, B, SCALING, backend="cuda")
     y.sum().backward()
-    ones = torch.ones_like(y)
-    y_ref, gx_ref, gR_ref = reference_fp64(x, w, b, A, R, B, SCALING, ones)
-    assert_close(y, y_ref, dtype, "y")
-    assert_close(x.grad, gx_ref, dtype, "grad_x")
-    assert_close(R.grad, gR_ref, dtype, "grad_R")
+    assert_matches_reference(y, x.grad, R.grad, (x, w, b, A, R, B), SCALING, dtype, "transposed W",
+                             grad_out=torch.ones_like(y))
 
 
 # ---------------------------------------------------------------------------------------- edges
@@ -212,11 +214,11 @@ def test_only_one_gradient(dtype):
 
 def test_native_op_outputs_not_needed_are_empty():
     x, w, b, A, R, B = inputs((9,), 64, 48, 8, torch.bfloat16, requires_grad=False)
-    y, xa = torch.ops.loraxs.native_fwd(x, w, b, A, R, B, SCALING)
+    y, xa = torch.ops.loraxs.linear_fwd(x, w, b, A, R, B, SCALING, "cuda")
     g = torch.randn_like(y)
-    gx, gR = torch.ops.loraxs.native_bwd(g, xa, w, A, R, B, SCALING, False, True)
+    gx, gR = torch.ops.loraxs.linear_bwd(g, xa, w, A, R, B, SCALING, False, True, "cuda")
     assert gx.numel() == 0 and gR.shape == R.shape
-    gx, gR = torch.ops.loraxs.native_bwd(g, xa, w, A, R, B, SCALING, True, False)
+    gx, gR = torch.ops.loraxs.linear_bwd(g, xa, w, A, R, B, SCALING, True, False, "cuda")
     assert gx.shape == x.shape and gR.numel() == 0
 
 
@@ -224,10 +226,10 @@ def test_xa_is_returned():
     """xa = x A comes back from the forward in x's dtype on both paths (the backward relies on it)."""
     for M in (7, 40):
         x, w, b, A, R, B = inputs((M,), 128, 96, 16, torch.bfloat16, requires_grad=False)
-        _, xa = torch.ops.loraxs.native_fwd(x, w, b, A, R, B, SCALING)
+        _, xa = torch.ops.loraxs.linear_fwd(x, w, b, A, R, B, SCALING, "cuda")
         ref = x.double() @ A.double()
         assert xa.dtype == torch.bfloat16 and xa.shape == (M, 16)
-        assert_close(xa, ref, torch.bfloat16, f"xa M={M}")
+        assert_within_bound(xa, ref, x.double().abs() @ A.double().abs(), torch.bfloat16, f"xa M={M}", 128)
 
 
 # ---------------------------------------------------------------------------------- determinism
@@ -244,8 +246,7 @@ def test_grad_R_is_deterministic(dtype):
         y.backward(g)
         runs.append(R.grad.clone())
     assert all(torch.equal(runs[0], r) for r in runs[1:])
-    _, _, gR_ref = reference_fp64(x, w, b, A, R, B, SCALING, g)
-    assert_close(runs[0], gR_ref, dtype, "grad_R")
+    assert_matches_reference(None, None, runs[0], (x, w, b, A, R, B), SCALING, dtype, "grad_R", grad_out=g)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -256,7 +257,7 @@ def test_decode_is_deterministic_with_and_without_pdl(dtype, monkeypatch):
     outs = []
     for pdl in ("1", "0", "1"):
         monkeypatch.setenv("LORAXS_CUDA_PDL", pdl)
-        outs.append(torch.ops.loraxs.native_fwd(x, w, b, A, R, B, SCALING))
+        outs.append(torch.ops.loraxs.linear_fwd(x, w, b, A, R, B, SCALING, "cuda"))
     for y, xa in outs[1:]:
         assert torch.equal(y, outs[0][0]) and torch.equal(xa, outs[0][1])
 
@@ -268,7 +269,3 @@ def test_sanitizer_small(small_m_path, dtype):
     covering every kernel: decode or tiled forward, the three backward GEMMs, grad_R."""
     check(*inputs((3,), 40, 24, 4, dtype), dtype, f"sanitizer {small_m_path} M=3")
     check(*inputs((19,), 40, 24, 4, dtype), dtype, "sanitizer M=19")
-
-
-def test_tolerances_cover_the_dtypes_used():
-    assert all(d in TOL for d in ALL + [torch.float64])

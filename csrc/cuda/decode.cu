@@ -1,6 +1,8 @@
 // The decoding kernels (kernels/decode.cuh): instantiations and the shape plan.
 #include "kernels/decode.cuh"
 
+#include <atomic>
+
 namespace loraxs {
 namespace cuda {
 
@@ -34,9 +36,32 @@ cudaError_t decode_forward_partial(DType dt, const DecodeArgs& a, int splits, fl
                             : launch_decode_partial<__nv_bfloat16>(a, splits, workspace, stream);
 }
 
+// PDL is safe only when the epilogue that runs holds griddepcontrol.wait, which decode.cuh compiles for
+// __CUDA_ARCH__ >= 900 alone. What runs is decided by the binary, not the device: a "8.0+PTX" build
+// on an H100 JIT-compiles compute_80 PTX, which has no wait, and its epilogue would read the split-K
+// partials before they are written. cudaFuncGetAttributes' ptxVersion is the virtual architecture
+// the running code was compiled for (90 for sm_90 SASS or compute_90 PTX); it is asked once per device.
+namespace {
+template <typename T>
+bool epilogue_waits_for_primary() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int8_t> known[kMaxDevices] = {};  // 0 unknown, 1 yes, -1 no
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return false;
+  int8_t v = known[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    cudaFuncAttributes fa;
+    v = cudaFuncGetAttributes(&fa, decode_epilogue_kernel<T, T>) == cudaSuccess && fa.ptxVersion >= 90 ? 1 : -1;
+    known[device].store(v, std::memory_order_relaxed);
+  }
+  return v == 1;
+}
+}  // namespace
+
 cudaError_t decode_forward_epilogue(DType dt, const DecodeArgs& a, int splits, float* workspace, bool pdl,
                                     cudaStream_t stream) {
   if (!decode_supported(dt, a)) return cudaErrorInvalidValue;
+  if (pdl) pdl = dt == DType::kHalf ? epilogue_waits_for_primary<__half>() : epilogue_waits_for_primary<__nv_bfloat16>();
   if (a.r_dtype != dt && a.r_dtype != DType::kFloat) return cudaErrorInvalidValue;
   return dt == DType::kHalf ? launch_decode_epilogue<__half>(a, splits, workspace, pdl, stream)
                             : launch_decode_epilogue<__nv_bfloat16>(a, splits, workspace, pdl, stream);

@@ -170,7 +170,7 @@ Fwd cuda_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::op
   if (x.stride(1) == 1 && weight.stride(1) == 1 && lc::decode_supported(dt, d) && env_on("LORAXS_CUDA_DECODE")) {
     const int splits = lc::decode_splits(d, info.num_sms);
     at::Tensor ws = at::empty({lc::decode_workspace_floats(d, splits)}, x.options().dtype(at::kFloat));
-    const bool pdl = info.cc_major >= 9 && env_on("LORAXS_CUDA_PDL");
+    const bool pdl = info.cc_major >= 9 && env_on("LORAXS_CUDA_PDL");  // and the binary's arch: decode.cu
     C10_CUDA_CHECK(lc::decode_forward_partial(dt, d, splits, ws.data_ptr<float>(), stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     C10_CUDA_CHECK(lc::decode_forward_epilogue(dt, d, splits, ws.data_ptr<float>(), pdl, stream));

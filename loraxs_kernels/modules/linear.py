@@ -14,6 +14,30 @@ from .svd_init import svd_factors
 R_INIT_STD = 1e-5  # the official code's N(0, 1e-5) start: not zeros, so R's gradient sees a non-zero R
 
 
+def conv1d_type():
+    """transformers' Conv1D class when transformers is already imported, else None (a model holding a
+    Conv1D has imported it; importing transformers just to look costs seconds)."""
+    import sys
+
+    mod = sys.modules.get("transformers.pytorch_utils")
+    if mod is None and "transformers" in sys.modules:
+        try:
+            import transformers.pytorch_utils as mod
+        except ImportError:
+            return None
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
+
+def base_tensors(module: nn.Module):
+    """(weight as out×in, bias or None, fan_in_fan_out) of an nn.Linear or a transformers Conv1D."""
+    conv1d = conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return module.weight.t(), module.bias, True
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias, False
+    raise TypeError(f"expected an nn.Linear or a transformers Conv1D, got {type(module).__name__}")
+
+
 class FusedLoRAXSLinear(nn.Module):
     """y = x Wᵀ + b + scaling·((x A) R) B, with W, b, A, B frozen and R (rank×rank) trainable.
 
@@ -50,6 +74,8 @@ class FusedLoRAXSLinear(nn.Module):
         backends.check_name(backend)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        # True when the base is a transformers Conv1D (weight stored in×out): merge_loraxs gives one back.
+        self.fan_in_fan_out = False
         self.scaling = float(scaling)
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
@@ -78,26 +104,72 @@ class FusedLoRAXSLinear(nn.Module):
         A, B = svd_factors(self.weight, self.rank)
         self.lora_A.copy_(A)
         self.lora_B.copy_(B)
+        self.reset_R(r_init)
+
+    @torch.no_grad()
+    def reset_R(self, r_init: str = "normal"):
+        """Restart R alone: N(0, 1e-5) ("normal") or zeros."""
+        if r_init not in ("normal", "zeros"):
+            raise ValueError(f"r_init must be 'normal' or 'zeros', got {r_init!r}")
         if r_init == "normal":
             nn.init.normal_(self.lora_R, mean=0.0, std=R_INIT_STD)
         else:
             nn.init.zeros_(self.lora_R)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, scaling: float = 1.0, **kwargs) -> "FusedLoRAXSLinear":
-        """A LoRA-XS layer around `linear`'s weight and bias (copied, then frozen)."""
-        w = linear.weight
+    def from_linear(
+        cls, linear: nn.Module, rank: int, scaling: float = 1.0, *, share_weight: bool = False, basis=None, **kwargs
+    ) -> "FusedLoRAXSLinear":
+        """A LoRA-XS layer around `linear`'s weight and bias, frozen.
+
+        linear: an nn.Linear, or a transformers `Conv1D` (GPT-2 style, weight stored in×out; the layer
+        holds its transpose, a view, and records `fan_in_fan_out = True`).
+        share_weight: False (default) copies weight and bias and leaves `linear` untouched; True makes
+        the layer hold `linear`'s own tensors (no copy, so a model's memory never holds a weight
+        twice) and freezes them in place: what `apply_loraxs` does.
+        basis: None (A and B from the SVD of W) or an (A, B) pair of shapes (in, r) and (r, out) to use
+        instead, e.g. a basis stored in an adapter file or an official LoRA-XS checkpoint.
+        """
+        weight, bias, fan_in_fan_out = base_tensors(linear)
+        out_features, in_features = weight.shape
         layer = cls(
-            linear.in_features, linear.out_features, rank, bias=linear.bias is not None, scaling=scaling,
-            device="meta", dtype=w.dtype, **kwargs,
+            in_features, out_features, rank, bias=bias is not None, scaling=scaling,
+            device="meta", dtype=weight.dtype, **kwargs,
         )
         # Built on the meta device, so the throw-away init and SVD of a fresh weight are skipped.
-        layer = layer.to_empty(device=w.device)
-        with torch.no_grad():
-            layer.weight.copy_(w)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        layer.reset_adapter(kwargs.get("r_init", "normal"))
+        if basis is not None:
+            A, B = basis
+            if tuple(A.shape) != (in_features, rank) or tuple(B.shape) != (rank, out_features):
+                raise ValueError(
+                    f"basis must be A ({in_features}, {rank}) and B ({rank}, {out_features}) for "
+                    f"{type(linear).__name__}(in={in_features}, out={out_features}) at rank {rank}, "
+                    f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
+                )
+        device = weight.device
+        if share_weight:
+            layer.weight = linear.weight if not fan_in_fan_out else nn.Parameter(weight.detach(), requires_grad=False)
+            layer.weight.requires_grad_(False)
+            if bias is not None:
+                layer.bias = linear.bias
+                layer.bias.requires_grad_(False)
+            layer.lora_A = torch.empty(in_features, rank, device=device, dtype=weight.dtype)
+            layer.lora_B = torch.empty(rank, out_features, device=device, dtype=weight.dtype)
+            layer.lora_R = nn.Parameter(torch.empty(rank, rank, device=device, dtype=layer.lora_R.dtype))
+        else:
+            layer = layer.to_empty(device=device)
+            with torch.no_grad():
+                layer.weight.copy_(weight)
+                if bias is not None:
+                    layer.bias.copy_(bias)
+        layer.fan_in_fan_out = fan_in_fan_out
+        r_init = kwargs.get("r_init", "normal")
+        if basis is None:
+            layer.reset_adapter(r_init)
+        else:
+            with torch.no_grad():
+                layer.lora_A.copy_(basis[0])
+                layer.lora_B.copy_(basis[1])
+            layer.reset_R(r_init)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

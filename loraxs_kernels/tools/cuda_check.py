@@ -183,8 +183,8 @@ def check_load(lib: str) -> int:
     except (OSError, RuntimeError) as e:
         print(f"FAIL: {lib} does not load: {e}", file=sys.stderr)
         return 1
-    for op in ("native_fwd", "native_bwd"):
-        for key in ("CUDA", "CPU"):
+    for op in ("linear_fwd", "linear_bwd"):
+        for key in ("CUDA", "CPU", "Autograd"):
             ok = torch._C._dispatch_has_kernel_for_dispatch_key(f"loraxs::{op}", key)
             print(f"loraxs::{op} has a {key} kernel: {ok}")
             if not ok:
@@ -194,7 +194,7 @@ def check_load(lib: str) -> int:
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(5, 12, generator=g), torch.randn(10, 12, generator=g), torch.randn(10, generator=g)
     A, R, B = torch.randn(12, 3, generator=g), torch.randn(3, 3, generator=g), torch.randn(3, 10, generator=g)
-    y, xa = torch.ops.loraxs.native_fwd(x, w, b, A, R, B, 0.5)
+    y, xa = torch.ops.loraxs.linear_fwd(x, w, b, A, R, B, 0.5, "cpp")
     y_ref = x @ w.t() + b + 0.5 * (x @ A @ R @ B)
     err = (y - y_ref).abs().max().item()
     print(f"CPU kernel of this library vs a direct formula: max error {err:.2e}")

@@ -10,6 +10,13 @@
 
 #include "launch.h"
 
+// LORAXS_CUDA_EMU: the host emulation (csrc/emu, make cuda-emu) compiles these kernels with g++.
+// Each PTX helper below then runs its host twin (csrc/emu/ptx.h) instead of the inline asm; nvcc
+// never defines the macro, so the device code is unchanged.
+#ifdef LORAXS_CUDA_EMU
+#include "emu.h"
+#endif
+
 namespace loraxs {
 namespace cuda {
 
@@ -56,29 +63,51 @@ __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a
 // every tile (rows past M or N, k past K) come in as zeros, so no NaN from stale memory meets a zero.
 // "memory" clobbers keep the compiler from moving shared-memory accesses across these statements.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+#ifdef LORAXS_CUDA_EMU
+  loraxs_emu::ptx::cp_async_16(smem, gmem, src_bytes);
+#else
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes) : "memory");
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef LORAXS_CUDA_EMU
+  loraxs_emu::ptx::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#ifdef LORAXS_CUDA_EMU
+  loraxs_emu::ptx::cp_async_wait(N);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 // ---------------------------------------------------------------------------------- ldmatrix / mma
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+#ifdef LORAXS_CUDA_EMU
+  loraxs_emu::ptx::ldmatrix_x4(r, smem, false);
+#else
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(s)
                : "memory");
+#endif
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+#ifdef LORAXS_CUDA_EMU
+  loraxs_emu::ptx::ldmatrix_x4(r, smem, true);
+#else
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(s)
                : "memory");
+#endif
 }
 
 // D += A·B for one 16×8×16 tile, fp32 accumulators. Fragments (g = lane/4, t = lane%4):
@@ -90,20 +119,28 @@ template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
 template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef LORAXS_CUDA_EMU
+  loraxs_emu::ptx::mma_16816<__half>(d, a, b);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 template <>
 __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
                                                          const uint32_t (&b)[2]) {
+#ifdef LORAXS_CUDA_EMU
+  loraxs_emu::ptx::mma_16816<__nv_bfloat16>(d, a, b);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // ---------------------------------------------------------------------------------- PDL (sm_90)
@@ -111,12 +148,16 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
 // dependent waits for the primary grid to finish (and its writes to be visible) before it reads
 // them. Both are no-ops when the launch did not ask for PDL, and compile to nothing below sm_90.
 __device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(LORAXS_CUDA_EMU)
+  loraxs_emu::pdl_launch_dependents();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
 __device__ __forceinline__ void pdl_wait_primary() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(LORAXS_CUDA_EMU)
+  loraxs_emu::pdl_wait_primary();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }

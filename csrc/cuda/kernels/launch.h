@@ -87,7 +87,8 @@ int decode_splits(const DecodeArgs& a, int num_sms);
 int64_t decode_workspace_floats(const DecodeArgs& a, int splits);
 // The two kernels of the path, launched in this order on one stream with the same arguments,
 // splits and workspace (two calls so that the caller checks each launch). pdl: launch the second
-// with programmatic dependent launch (sm_90 and later only; the caller decides).
+// with programmatic dependent launch where the caller allows it (a device of cc >= 9) and the
+// code that runs was compiled with griddepcontrol (checked here, from the binary; see decode.cu).
 cudaError_t decode_forward_partial(DType dt, const DecodeArgs& a, int splits, float* workspace, cudaStream_t stream);
 cudaError_t decode_forward_epilogue(DType dt, const DecodeArgs& a, int splits, float* workspace, bool pdl,
                                     cudaStream_t stream);

@@ -145,7 +145,10 @@ def _launch(kind, grid, args, kwargs, x, cfgs_fn):
         config = configs.INTERPRET_CONFIG if kind == "gemm" else configs.INTERPRET_PROJ_CONFIG
     if config is None:
         cfgs = tuple(cfgs_fn(_arch(x.device)))
-        if len(cfgs) > 1 and os.environ.get(AUTOTUNE_ENV, "1") != "0":
+        # Autotuning times every config with synchronising launches, which a CUDA graph capture
+        # forbids: inside a capture each kernel takes its table's first config.
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if len(cfgs) > 1 and os.environ.get(AUTOTUNE_ENV, "1") != "0" and not capturing:
             _autotuned(kind, cfgs)[grid](*args, **kwargs)
             return
         config = cfgs[0]

@@ -29,6 +29,10 @@ import triton
 import triton.language as tl
 
 
+# Every tl.dot with an accumulator passes out_dtype=acc.dtype: Triton 3.6 types the result fp32 whatever
+# the accumulator and asserts on fp64 (all 38 fp64 variants failed to compile in the AOT report under
+# triton 3.6.0); 3.8 and 3.9 infer it from the accumulator. The same holds in grad_r.py and
+# low_rank_projection.py.
 @triton.jit
 def _x_times_w(acc, x_ptr, w_ptr, offs_m, offs_n, mask_m, N, K,
                stride_xm, stride_xk, stride_wk, stride_wn,
@@ -42,7 +46,7 @@ def _x_times_w(acc, x_ptr, w_ptr, offs_m, offs_n, mask_m, N, K,
         k_left = K - k * BLOCK_K
         xt = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         wt = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION, out_dtype=acc.dtype)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     return acc
@@ -73,7 +77,7 @@ def _add_t_times_s(acc, t_h, s_ptr, offs_c, offs_n, N, R, stride_sr, stride_sn, 
     """acc += T[:, offs_c]·S[offs_c, cols]."""
     sb = tl.load(s_ptr + offs_c[:, None] * stride_sr + offs_n[None, :] * stride_sn,
                  mask=(offs_c[:, None] < R) & (offs_n[None, :] < N), other=0.0)
-    return tl.dot(t_h, sb, acc, input_precision=PRECISION)
+    return tl.dot(t_h, sb, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -98,7 +102,7 @@ def _add_t_from_u(acc, u_ptr, q_ptr, s_ptr, offs_m, mask_m, offs_n, N, R,
                         mask=mask_m[:, None] & (offs_i[None, :] < R), other=0.0)
             q = tl.load(q_ptr + offs_i[:, None] * stride_qi + offs_c[None, :] * stride_qj,
                         mask=(offs_i[:, None] < R) & (offs_c[None, :] < R), other=0.0)
-            t = tl.dot(u, q.to(u.dtype), t, input_precision=PRECISION)
+            t = tl.dot(u, q.to(u.dtype), t, input_precision=PRECISION, out_dtype=t.dtype)
         t_h = _scale(t, scaling, scaling_lo).to(u_ptr.dtype.element_ty)
         acc = _add_t_times_s(acc, t_h, s_ptr, offs_c, offs_n, N, R, stride_sr, stride_sn, PRECISION)
     return acc
@@ -200,8 +204,8 @@ def gemm_rank_r_kernel(
             xt = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
             pt = tl.load(p_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
             wt = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-            acc_u = tl.dot(xt, pt, acc_u, input_precision=PRECISION)
-            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+            acc_u = tl.dot(xt, pt, acc_u, input_precision=PRECISION, out_dtype=acc_u.dtype)
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION, out_dtype=acc.dtype)
             x_ptrs += BLOCK_K * stride_xk
             p_ptrs += BLOCK_K * stride_pk
             w_ptrs += BLOCK_K * stride_wk

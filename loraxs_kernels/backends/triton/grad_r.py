@@ -47,7 +47,7 @@ def xa_t_u_splits_kernel(
         m_left = rows - m * BLOCK_M
         a = tl.load(a_ptrs, mask=mask_i[:, None] & (offs_m[None, :] < m_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_m[:, None] < m_left) & mask_j[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
         a_ptrs += BLOCK_M * stride_am
         b_ptrs += BLOCK_M * stride_um
     mask = mask_i[:, None] & mask_j[None, :]

@@ -40,7 +40,7 @@ def x_p_kernel(
         k_left = K - k * BLOCK_K
         xt = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         pt = tl.load(p_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
-        acc = tl.dot(xt, pt, acc, input_precision=PRECISION)
+        acc = tl.dot(xt, pt, acc, input_precision=PRECISION, out_dtype=acc.dtype)
         x_ptrs += BLOCK_K * stride_xk
         p_ptrs += BLOCK_K * stride_pk
     tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,

@@ -1,0 +1,1 @@
+"""Runnable examples: `python -m loraxs_kernels.examples.finetune`."""

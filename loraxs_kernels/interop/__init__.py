@@ -1,0 +1,7 @@
+"""The ecosystem around LoRA-XS: PEFT LoRA export, official LoRA-XS checkpoints, PEFT tinylora."""
+
+from .official import load_official_loraxs
+from .peft_lora import export_peft_lora
+from .tinylora import from_peft_tinylora
+
+__all__ = ["export_peft_lora", "load_official_loraxs", "from_peft_tinylora"]
