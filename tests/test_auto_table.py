@@ -93,3 +93,21 @@ def test_table_check_rejects_planted_faults(tmp_path):
         except (AssertionError, KeyError, ValueError):
             continue
         raise AssertionError(f"_check_table accepted a table with {name}: {bad}")
+
+
+def test_torch_competes_when_measured():
+    """cuBLAS through the ATen schedule ("torch") is a candidate: it wins a bucket where it is fastest
+    on the shapes all candidates were measured on, and a backend missing from a shape is not ranked."""
+    run = {"environment": {"device_name": "NVIDIA H200"},
+           "records": [_rec("triton", 2048, 16, 1.0, dtype="float32"), _rec("cuda", 2048, 16, 1.5, dtype="float32"),
+                       _rec("torch", 2048, 16, 0.6, dtype="float32"),
+                       _rec("triton", 16, 16, 0.05), _rec("cuda", 16, 16, 0.03), _rec("torch", 16, 16, 0.04),
+                       _rec("triton", 128, 16, 0.2), _rec("torch", 128, 16, 0.1),
+                       _rec("triton", 128, 16, 0.2, shape=(4096, 1024)), _rec("cuda", 128, 16, 0.01, shape=(4096, 1024))]}
+    got = tune_auto.choices_from_run(run)
+    k = auto_table.key("NVIDIA H200", "float32", 2048, 16)
+    assert got[k]["backend"] == "torch" and got[k]["over_best"] == {"triton": 1.6667, "cuda": 2.5, "torch": 1.0}
+    assert "cuda_over_triton" not in got[k]
+    assert got[auto_table.key("NVIDIA H200", "bfloat16", 16, 16)]["backend"] == "cuda"
+    # M=128: torch was measured on one shape only, cuda on the other: only triton is on both.
+    assert auto_table.key("NVIDIA H200", "bfloat16", 128, 16) not in got

@@ -53,6 +53,13 @@ def loraxs_linear(x, weight, bias, A, R, B, scaling: float = 1.0, *, backend: st
     return _fallback_linear(x, weight, bias, A, R, B, scaling, backend)
 
 
+def linear_auto(x, weight, bias, A, R, B, scaling: float = 1.0) -> torch.Tensor:
+    """loraxs_linear with backend "auto", as directly as Python can call it (the module's forward)."""
+    if _OP is not None:
+        return _OP(x, weight, bias, A, R, B, scaling)
+    return loraxs_linear(x, weight, bias, A, R, B, scaling)
+
+
 def _warn_no_native():
     global _warned
     if not _warned:

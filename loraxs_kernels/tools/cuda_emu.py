@@ -46,6 +46,19 @@ ENV = {
 }
 CHECKER_BY_RC = {10: "memcheck", 11: "racecheck", 12: "sync"}
 
+# By report text first: two threads faulting at once can end the process with SIGABRT while ASan
+# is still printing the first report (seen with a deleted bound check), so the exit code alone lies.
+REPORT_MARKERS = [("ERROR: AddressSanitizer", "memcheck"), ("runtime error:", "memcheck"), ("EMU memcheck", "memcheck"),
+                  ("WARNING: ThreadSanitizer", "racecheck"), ("EMU sync", "sync")]
+
+
+def checker_of(rc: int, stderr: str) -> str:
+    for marker, checker in REPORT_MARKERS:
+        if marker in stderr:
+            return checker
+    return CHECKER_BY_RC.get(rc, "runner")
+
+
 # launch.h's DType
 DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
 
@@ -242,7 +255,7 @@ class Request:
             env = dict(os.environ, **ENV)
             p = subprocess.run([str(exe), str(req), str(res)], capture_output=True, text=True, env=env, timeout=timeout)
             if p.returncode != 0:
-                raise EmuError(CHECKER_BY_RC.get(p.returncode, "runner"), p.returncode, p.stdout + p.stderr)
+                raise EmuError(checker_of(p.returncode, p.stderr), p.returncode, p.stdout + p.stderr)
             blob = res.read_bytes()
         pos = 0
         for idx, t in self.outputs:

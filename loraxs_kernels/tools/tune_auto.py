@@ -1,10 +1,11 @@
-"""Write the table that "auto" uses to choose between the Triton and CUDA C++ backends on a GPU.
+"""Write the table that "auto" uses to choose between the GPU backends (Triton, CUDA C++, and "torch":
+cuBLAS through the ATen schedule).
 
     python -m loraxs_kernels.tools.tune_auto benchmarks/results/<run>/results.json [--table PATH]
 
-Reads a benchmark run (python -m benchmarks) made on a GPU with both backends, and for each
-(GPU, dtype, M bucket, rank bucket) records the backend with the lower geometric-mean `full`-mode
-(forward + backward) median time over the layer shapes measured in that bucket. Entries for other
+Reads a benchmark run (python -m benchmarks) made on a GPU, and for each (GPU, dtype, M bucket, rank
+bucket) records the backend with the lowest geometric-mean `full`-mode (forward + backward) median
+time over the layer shapes of that bucket measured with the same backends (at least two). Entries for other
 GPUs already in the table are kept. Prints each choice with the measured ratio.
 """
 
@@ -17,11 +18,12 @@ from collections import defaultdict
 
 from ..backends import auto_table
 
-CANDIDATES = ("triton", "cuda")
+CANDIDATES = ("triton", "cuda", "torch")
 
 
 def choices_from_run(run: dict) -> dict[str, dict]:
-    """{table key: {"backend": name, "cuda_over_triton": geometric-mean time ratio, "cases": n}}."""
+    """{table key: {"backend": name, "over_best": {backend: geometric-mean time / the best's}, "cases": n}}
+    (plus "cuda_over_triton" where only those two were measured)."""
     device_name = run["environment"]["device_name"]
     # (bucket key, layer shape) -> {backend: median_ms}
     times: dict[tuple, dict[str, float]] = defaultdict(dict)
@@ -30,14 +32,23 @@ def choices_from_run(run: dict) -> dict[str, dict]:
             continue
         k = auto_table.key(device_name, rec["dtype"], rec["M"], rec["rank"])
         times[(k, rec["M"], rec["in_features"], rec["out_features"], rec["rank"])][rec["provider"]] = rec["median_ms"]
-    log_ratios: dict[str, list[float]] = defaultdict(list)
+    by_bucket: dict[str, list[dict[str, float]]] = defaultdict(list)
     for (k, *_), by_backend in times.items():
-        if all(b in by_backend for b in CANDIDATES):  # only shapes measured with both backends
-            log_ratios[k].append(math.log(by_backend["cuda"] / by_backend["triton"]))
+        if len(by_backend) >= 2:  # a shape measured with one backend decides nothing
+            by_bucket[k].append(by_backend)
     out = {}
-    for k, logs in sorted(log_ratios.items()):
-        ratio = math.exp(sum(logs) / len(logs))
-        out[k] = {"backend": "cuda" if ratio < 1 else "triton", "cuda_over_triton": round(ratio, 4), "cases": len(logs)}
+    for k, shapes in sorted(by_bucket.items()):
+        # Only backends measured on every shape of the bucket compete, on equal terms.
+        common = [b for b in CANDIDATES if all(b in s for s in shapes)]
+        if len(common) < 2:
+            continue
+        log_mean = {b: sum(math.log(s[b]) for s in shapes) / len(shapes) for b in common}
+        best = min(common, key=log_mean.__getitem__)
+        entry = {"backend": best, "over_best": {b: round(math.exp(log_mean[b] - log_mean[best]), 4) for b in common},
+                 "cases": len(shapes)}
+        if set(common) == {"triton", "cuda"}:
+            entry["cuda_over_triton"] = round(math.exp(log_mean["cuda"] - log_mean["triton"]), 4)
+        out[k] = entry
     return out
 
 
@@ -50,7 +61,7 @@ def main(argv=None) -> int:
         run = json.load(f)
     measured = choices_from_run(run)
     if not measured:
-        print("no shape was measured with both 'triton' and 'cuda' in full mode: table left unchanged")
+        print("no shape was measured with two or more of 'triton', 'cuda', 'torch' in full mode: table left unchanged")
         return 1
     try:
         with open(args.table) as f:
@@ -62,7 +73,8 @@ def main(argv=None) -> int:
     for k, v in measured.items():
         choices[k] = v["backend"]
         details[k] = v
-        print(f"{k}: {v['backend']}  (cuda/triton time {v['cuda_over_triton']:.3f} over {v['cases']} shape(s))")
+        ratios = ", ".join(f"{b} {r:.3f}×" for b, r in v["over_best"].items())
+        print(f"{k}: {v['backend']}  (time / best: {ratios}; {v['cases']} shape(s))")
     table = {
         "source": f"python -m loraxs_kernels.tools.tune_auto {args.results}",
         "choices": dict(sorted(choices.items())),

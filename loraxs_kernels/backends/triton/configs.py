@@ -124,13 +124,15 @@ _PROJ_TABLES_16BIT = {
 }
 
 # fp64, and fp32 with TF32 off (torch's default), run their dots on the FMA units: correctness paths
-# with one config each, no autotune. Keyed (element size, schedule). BLOCK_M = 16 where 32 spilled in
-# the AOT report: fp32 fused 32×64×16 (8 warps, 2 stages) spilled 184-232 bytes under triton 3.6.0 and
-# 3.8.0 (the fused kernel holds x·A's BLOCK_M × 64 accumulator beside the main one, at the 255-register
-# cap); fp64 split spilled 8 bytes on sm_80 under 3.6.0. 16×64×16 spilled in neither.
+# with one config each, no autotune. Keyed (element size, schedule). Chosen by the AOT report under
+# triton 3.6.0, 3.8.0 and 3.9.0: fp32 fused 32×64×16 (8 warps, 2 stages) spilled 184-232 bytes under
+# 3.6.0 and 3.8.0 (the fused kernel holds x·A's BLOCK_M × 64 accumulator beside the main one, at the
+# 255-register cap); 16×64×16 does not. fp64 split spilled 8-48 bytes in some version for every
+# 2-stage tile tried (32×64, 16×64, 32×32, 16×32; 4 or 8 warps), at 80-128 registers; 16×32×16 with
+# one stage spilled in none.
 EXACT_CONFIG = {
     (4, "fused"): C(16, 64, 16, 1, 8, 2), (4, "split"): C(32, 64, 16, 1, 8, 2),
-    (8, "fused"): C(16, 64, 16, 1, 8, 2), (8, "split"): C(16, 64, 16, 1, 8, 2),
+    (8, "fused"): C(16, 64, 16, 1, 8, 2), (8, "split"): C(16, 32, 16, 1, 8, 1),
 }
 # fp64 projection: 16×32 (8 warps) spilled 24 bytes on sm_90 at r = 64 under triton 3.6.0; 32×32 spills in
 # none of 3.6.0, 3.8.0, 3.9.0.
