@@ -17,7 +17,7 @@ PY := $(VENV)/bin/python
 ENV_STAMPS := $(VENV)
 endif
 SETUP := scripts/setup_env.sh scripts/find_python.sh scripts/env_probe.py $(wildcard requirements/*.txt)
-CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+CSRC := $(shell find csrc -path csrc/emu -prune -o \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) -print 2>/dev/null)  # csrc/emu: the host emulation, not in the extension
 
 .PHONY: venv build test bench bench-smoke cmake-check ci clean aot-report cuda-check gpu-check
 

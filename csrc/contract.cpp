@@ -9,18 +9,17 @@
 #include "loraxs.h"
 
 namespace loraxs {
-namespace {
 
-// "(5, 15)", as Python prints a torch.Size's entries (c10 prints "[5, 15]").
-std::string shape_str(const at::Tensor& t) {
+std::string dims_str(at::IntArrayRef sizes) {
   std::ostringstream s;
   s << "(";
-  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << t.size(i);
+  for (size_t i = 0; i < sizes.size(); ++i) s << (i ? ", " : "") << sizes[i];
   s << ")";
   return s.str();
 }
 
-// "torch.float32", as Python prints a dtype (c10 prints "Float").
+std::string shape_str(const at::Tensor& t) { return dims_str(t.sizes()); }
+
 std::string dtype_str(at::ScalarType t) {
   switch (t) {
     case at::kHalf: return "torch.float16";
@@ -38,6 +37,8 @@ std::string dtype_str(at::ScalarType t) {
     default: return std::string("torch.") + c10::toString(t);
   }
 }
+
+namespace {
 
 bool supported(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;

@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <string_view>
 #include <tuple>
 
@@ -30,6 +31,11 @@ using Bwd = std::tuple<at::Tensor, at::Tensor>;
 // naming the offending tensor with its sizes/dtype/device (the same words as ops/checks.py, which
 // serves the fake kernels and the build-less fallback; tests hold the two to one text).
 constexpr int64_t kMaxRank = 256;
+// How the messages print sizes and dtypes: "(5, 15)" and "torch.float32", as Python does (c10 prints
+// "[5, 15]" and "Float").
+std::string dims_str(at::IntArrayRef sizes);
+std::string shape_str(const at::Tensor& t);
+std::string dtype_str(at::ScalarType t);
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const at::Tensor& A, const at::Tensor& R, const at::Tensor& B);
 void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
@@ -37,6 +43,17 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& xa, con
 // The op differentiates x and R only: a frozen tensor that asks for a gradient is a bug upstream.
 void check_frozen(const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& A,
                   const at::Tensor& B);
+
+// Autocast's casts for a layer, as F.linear's: floating tensors other than fp64 go to the autocast
+// dtype; an fp32 R (a master weight) stays fp32. nullopt when autocast is off for x's device.
+struct LayerTensors {
+  at::Tensor x, weight;
+  std::optional<at::Tensor> bias;
+  at::Tensor A, R, B;
+};
+std::optional<LayerTensors> autocast_layer(const at::Tensor& x, const at::Tensor& weight,
+                                           const std::optional<at::Tensor>& bias, const at::Tensor& A,
+                                           const at::Tensor& R, const at::Tensor& B);
 
 // ------------------------------------------------------------------------------------- backend.cpp
 enum class Backend { kAuto, kTorch, kCpp, kTriton, kCuda };
@@ -66,6 +83,22 @@ Fwd aten_forward(const at::Tensor& x, const at::Tensor& weight, const std::optio
                  const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, double scaling);
 Bwd aten_backward(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight, const at::Tensor& A,
                   const at::Tensor& R, const at::Tensor& B, double scaling, bool need_x, bool need_R);
+
+// ------------------------------------------------------ multi.cpp, multi_contract.cpp, cpu/multi_aten.cpp
+// Many adapters in one batch (issue 11): R is a bank (n, r, r), adapter_ids (x.shape[:-1], int32 or
+// int64, values in [-1, n); -1 = the base layer alone) picks one per row, and row i gets the scaling
+// s·adapter_scaling[id_i] (just s without the optional (n,) tensor). Schemas in multi.cpp.
+// The whole contract, ids' values included, runs before any kernel: an id past the bank would read
+// past R's end on a GPU.
+void check_multi_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, const at::Tensor& adapter_ids,
+                        const std::optional<at::Tensor>& adapter_scaling);
+void check_multi_backward_inputs(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
+                                 const at::Tensor& A, const at::Tensor& R, const at::Tensor& B,
+                                 const at::Tensor& adapter_ids, const std::optional<at::Tensor>& adapter_scaling,
+                                 bool need_R);
+void check_multi_frozen(const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& A,
+                        const at::Tensor& B, const std::optional<at::Tensor>& adapter_scaling);
 
 // Shapes shared by every kernel: x (..., in) seen as (M, in), and outputs with x's leading dims.
 at::DimVector with_last(at::IntArrayRef lead_and_last, int64_t last);

@@ -20,10 +20,19 @@ void set_triton_installed(bool installed);
 std::string auto_backend(c10::string_view device_name, int64_t cc_major, at::ScalarType dtype, int64_t M, int64_t r,
                          bool tf32, bool triton, bool cuda_kernels);
 
+std::optional<LayerTensors> autocast_layer(const at::Tensor& x, const at::Tensor& weight,
+                                           const std::optional<at::Tensor>& bias, const at::Tensor& A,
+                                           const at::Tensor& R, const at::Tensor& B) {
+  const c10::DeviceType dev = x.device().type();
+  if (!(at::autocast::is_autocast_available(dev) && at::autocast::is_autocast_enabled(dev))) return std::nullopt;
+  const at::ScalarType to = at::autocast::get_autocast_dtype(dev);
+  auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(to, t, dev); };
+  return LayerTensors{cast(x), cast(weight), at::autocast::cached_cast(to, bias, dev), cast(A),
+                      R.scalar_type() == at::kFloat ? R : cast(R), cast(B)};
+}
+
 namespace {
 
-// Cast like F.linear under torch.autocast: floating tensors other than fp64 go to the autocast
-// dtype. An fp32 R stays fp32: the op takes an fp32 master R beside half weights.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, double scaling,
                   c10::string_view backend) {
@@ -32,13 +41,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
                               .typed<Fwd(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                          const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                          c10::string_view)>();
-  const c10::DeviceType dev = x.device().type();
-  if (at::autocast::is_autocast_available(dev) && at::autocast::is_autocast_enabled(dev)) {
-    const at::ScalarType to = at::autocast::get_autocast_dtype(dev);
-    auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(to, t, dev); };
-    const at::Tensor Rc = R.scalar_type() == at::kFloat ? R : cast(R);
-    return std::get<0>(fwd.call(cast(x), cast(weight), at::autocast::cached_cast(to, bias, dev), cast(A), Rc, cast(B),
-                                scaling, backend));
+  if (auto c = autocast_layer(x, weight, bias, A, R, B)) {
+    return std::get<0>(fwd.call(c->x, c->weight, c->bias, c->A, c->R, c->B, scaling, backend));
   }
   return std::get<0>(fwd.call(x, weight, bias, A, R, B, scaling, backend));
 }

@@ -11,12 +11,21 @@ from .backends import BackendUnavailable
 from .backends import available as available_backends
 from .modules import FusedLoRAXSLinear, apply_loraxs, merge_loraxs
 from .ops import loraxs_linear
+from .ops.multi import loraxs_linear_multi
+from .modules import (MultiLoRAXSLinear, read_adapter_slot, reset_adapter_slot, use_adapters,
+                      write_adapter_slot)
 from . import interop
 from .adapters import fingerprint, load_adapter, save_adapter
 from .interop import export_peft_lora
 
 __all__ = [
     "loraxs_linear",
+    "loraxs_linear_multi",
+    "MultiLoRAXSLinear",
+    "use_adapters",
+    "read_adapter_slot",
+    "write_adapter_slot",
+    "reset_adapter_slot",
     "FusedLoRAXSLinear",
     "apply_loraxs",
     "merge_loraxs",

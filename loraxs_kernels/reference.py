@@ -64,3 +64,30 @@ def unfused_linear(x, weight, bias, A, R, B, scaling: float = 1.0):
     """
     low_rank = F.linear(F.linear(F.linear(x, A.t()), R.to(x.dtype).t()), B.t())
     return F.linear(x, weight, bias) + low_rank * scaling
+
+
+def loraxs_linear_multi(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    R: torch.Tensor,
+    B: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    scaling: float | torch.Tensor = 1.0,
+) -> torch.Tensor:
+    """Many adapters in one batch: row i of x uses adapter adapter_ids[i] of the bank R (n, r, r),
+
+        y_i = x_i Wᵀ + b + s_i · ((x_i A) R[id_i]) B,     s_i = scaling (a float) or scaling[id_i] (an (n,) tensor),
+
+    and a row with id -1 gets the base layer alone. adapter_ids: integers of shape x.shape[:-1].
+    Gathers one r×r matrix per row (M·r² memory): clear, not fast.
+    """
+    ids = adapter_ids.long()
+    used = ids >= 0
+    k = ids.clamp(min=0)
+    base = F.linear(x, weight, bias)
+    per_row_R = R.to(x.dtype)[k]  # (..., r, r)
+    low_rank = ((x @ A).unsqueeze(-2) @ per_row_R).squeeze(-2) @ B
+    s = scaling.to(x.dtype)[k].unsqueeze(-1) if isinstance(scaling, torch.Tensor) else scaling
+    return torch.where(used.unsqueeze(-1), base + s * low_rank, base)

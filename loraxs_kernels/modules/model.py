@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .linear import FusedLoRAXSLinear, base_tensors, conv1d_type
+from .multi import MultiLoRAXSLinear
 from .svd_init import svd_basis
 
 # The attribute apply_loraxs / load_adapter leave on a model: the dotted paths of its modules_to_save,
@@ -118,7 +119,7 @@ def resolve_modules_to_save(model: nn.Module, modules_to_save, adapted_ids: set[
     for p in outer:
         mod = model.get_submodule(p)
         for sub_path, sub in mod.named_modules():
-            if id(sub) in adapted_ids or isinstance(sub, FusedLoRAXSLinear):
+            if id(sub) in adapted_ids or isinstance(sub, (FusedLoRAXSLinear, MultiLoRAXSLinear)):
                 where = f"{p}.{sub_path}" if sub_path else p
                 raise ValueError(
                     f"modules_to_save entry {p!r} holds {where}, a layer LoRA-XS adapts; "
@@ -132,7 +133,7 @@ def mark_trainable(model: nn.Module, modules_to_save: list[str]) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     for m in model.modules():
-        if isinstance(m, FusedLoRAXSLinear):
+        if isinstance(m, (FusedLoRAXSLinear, MultiLoRAXSLinear)):
             m.lora_R.requires_grad_(True)
     for path in modules_to_save:
         for p in model.get_submodule(path).parameters():
@@ -146,6 +147,7 @@ def apply_loraxs(
     target_modules: Iterable[str] | str,
     scaling: float = 1.0,
     modules_to_save: Iterable[str] | str | None = None,
+    num_adapters: int | None = None,
     **layer_kwargs,
 ) -> nn.Module:
     """Replace each targeted nn.Linear (or transformers Conv1D) by a FusedLoRAXSLinear around it,
@@ -164,6 +166,8 @@ def apply_loraxs(
     memory never holds a weight twice). Everything that can fail (matching, ranks, the SVDs) runs
     before the model is touched: on an error it is left as it was.
     layer_kwargs go to FusedLoRAXSLinear (r_dtype, r_init, backend).
+    num_adapters: an int makes MultiLoRAXSLinear layers instead, each with a bank of that many
+    adapters (rows pick one with use_adapters); layer_kwargs then go to it (r_dtype, r_init).
     """
     targets = _entries(target_modules, "target_modules")
     if not targets:
@@ -193,6 +197,8 @@ def apply_loraxs(
         new_layers = {
             id(child): FusedLoRAXSLinear.from_linear(
                 child, rank, scaling, share_weight=True, basis=bases[id(child)][:2], **layer_kwargs
+            ) if num_adapters is None else MultiLoRAXSLinear.from_linear(
+                child, rank, num_adapters, scaling, share_weight=True, basis=bases[id(child)][:2], **layer_kwargs
             )
             for _, _, child in found
         }

@@ -24,7 +24,7 @@ from ..backends import auto_table, native
 NATIVE_REASON = native.load()  # None: the C++ op is registered
 
 if NATIVE_REASON is None:
-    from . import fake, python_backends  # noqa: F401  (registrations with the C++ op)
+    from . import fake, multi, python_backends  # noqa: F401  (registrations with the C++ op)
 
     _OP = torch.ops.loraxs.linear.default
     torch.ops.loraxs.set_triton_installed(importlib.util.find_spec("triton") is not None)

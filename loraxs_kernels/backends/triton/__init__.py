@@ -12,8 +12,9 @@ Runs on CUDA tensors, and on CPU tensors under the Triton interpreter (TRITON_IN
 this module is imported). fp16, bf16 and fp32 are tuned (fp32 honours torch's TF32 matmul switch);
 fp64 runs with one fixed config, for correctness only.
 
-The op calls this module from the CUDA kernel of torch.ops.loraxs.linear_fwd / linear_bwd, an opaque
-custom op: Inductor sees one node and never splits the fused kernel (see docs/triton.md).
+The op reaches this module from the C++ kernels of torch.ops.loraxs.linear_fwd / linear_bwd (opaque
+ops: Inductor sees one node and never splits the fused kernel; see docs/triton.md) through
+loraxs::py_fwd / py_bwd, only when the call runs "triton".
 """
 
 from __future__ import annotations

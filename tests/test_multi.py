@@ -1,0 +1,459 @@
+"""Many adapters in one batch (issue 11): loraxs_linear_multi / torch.ops.loraxs.linear_multi against
+the fp64 reference (reference.loraxs_linear_multi) per element, row by row against the single-adapter
+op, -1 rows, gradients per adapter, bad input, opcheck, torch.compile, MultiLoRAXSLinear with
+use_adapters and apply_loraxs, the bank's slots, and a planted fault the parity check must catch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.library import opcheck
+
+import loraxs_kernels
+from common import DTYPES, allow_no_native, assert_close, assert_within_bound, depths, make_inputs, native_reason
+from loraxs_kernels import reference
+
+pytestmark = pytest.mark.skipif(native_reason() is not None and allow_no_native(),
+                                reason=f"the C++ extension is missing: {native_reason()}")
+
+
+def make_multi(lead, in_f, out_f, r, n, dtype=torch.float32, *, seed=0, bias=True, r_dtype=None, minus_one=True,
+               id_dtype=torch.int64):
+    """make_inputs' layer and x, a bank of n R ~ N(0, 1/r) and random ids in [-1, n - 2] (or [0, n - 2]): the
+    last adapter is never used, so its gradient must come back zero."""
+    x, w, b, A, _, B = make_inputs(lead, in_f, out_f, r, dtype=dtype, bias=bias, seed=seed, requires_grad=False)
+    g = torch.Generator().manual_seed(seed + 100)
+    R = (torch.randn(n, r, r, generator=g, dtype=torch.float64) / math.sqrt(r)).to(r_dtype or dtype)
+    ids = torch.randint(-1 if minus_one else 0, n - 1, lead, generator=g).to(id_dtype)
+    return x.requires_grad_(), w, b, A, R.requires_grad_(), B, ids
+
+
+def _d(t):
+    return None if t is None else t.detach().to(torch.float64)
+
+
+def _abs(t):
+    return None if t is None else t.detach().to(torch.float64).abs()
+
+
+def reference_and_bounds(x, w, b, A, R, B, ids, s, grad_out):
+    """(y, grad_x, grad_R) of the fp64 reference and their per-element bounds as (base, low-rank) parts:
+    the reference evaluated on absolute values, whose gradients against the non-negative |g| are exactly
+    |g||W| + |s|((|g||B|ᵀ)|R_id|ᵀ)|A|ᵀ and |s|·Σ_rows (|x||A|)ᵀ(|g||B|ᵀ), the textbook yardsticks."""
+    s64 = s.detach().to(torch.float64) if isinstance(s, torch.Tensor) else s
+    x64, R64 = _d(x).requires_grad_(), _d(R).requires_grad_()
+    y = reference.loraxs_linear_multi(x64, _d(w), _d(b), _d(A), R64, _d(B), ids, s64)
+    gx, gR = torch.autograd.grad(y, (x64, R64), _d(grad_out))
+    s_abs = s64.abs() if isinstance(s64, torch.Tensor) else abs(s64)
+    xb = _abs(x).requires_grad_()
+    yb = F.linear(xb, _abs(w), _abs(b))
+    (gxb,) = torch.autograd.grad(yb, xb, _abs(grad_out))
+    xl, Rl = _abs(x).requires_grad_(), _abs(R).requires_grad_()
+    yl = reference.loraxs_linear_multi(xl, torch.zeros_like(_abs(w)), None, _abs(A), Rl, _abs(B), ids, s_abs)
+    gxl, gRl = torch.autograd.grad(yl, (xl, Rl), _abs(grad_out))
+    return (y, gx, gR), ((yb.detach(), yl.detach()), (gxb, gxl), (torch.zeros_like(gRl), gRl))
+
+
+def check_multi(fn, inputs, s, dtype, what=""):
+    """fn(x, R) → y; forward and backward against the fp64 reference, every element within the
+    tolerance of tests/common.py (elementwise_tolerance); returns (y, grad_x, grad_R)."""
+    x, w, b, A, R, B, ids = inputs
+    x.grad = R.grad = None
+    y = fn(x, R)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], w.shape[0]), f"{what}: y {y.dtype} {tuple(y.shape)}"
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dtype)
+    y.backward(g)
+    (y_ref, gx_ref, gR_ref), (sy, sx, sR) = reference_and_bounds(x, w, b, A, R, B, ids, s, g)
+    dy, dx, dR = depths(w.shape[1], w.shape[0], A.shape[1], ids.numel())
+    assert_within_bound(y, y_ref, sy, dtype, f"{what} y", dy)
+    assert x.grad.dtype == x.dtype and R.grad.dtype == R.dtype
+    assert_within_bound(x.grad, gx_ref, sx, dtype, f"{what} grad_x", dx)
+    assert_within_bound(R.grad, gR_ref, sR, dtype, f"{what} grad_R", dR)
+    return y, x.grad, R.grad
+
+
+def multi(w, b, A, B, ids, s):
+    return lambda x, R: loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, s)
+
+
+# (leading dims, in, out, r, n adapters)
+CASES = [
+    ((64,), 128, 96, 16, 7),
+    ((4, 33), 64, 80, 8, 5),      # 3-D x: ids (4, 33)
+    ((17,), 31, 45, 1, 3),        # odd sizes, r = 1
+    ((300,), 40, 30, 12, 40),     # more adapters than rows per adapter
+    ((1,), 48, 40, 4, 2),         # one row
+    ((0,), 32, 16, 4, 3),         # empty batch
+]
+
+
+def case_id(c):
+    lead, i, o, r, n = c
+    return "x".join(map(str, lead)) + f"-{i}-{o}-r{r}-n{n}"
+
+
+# ------------------------------------------------------------------------------------------ parity
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_parity(dtype, case):
+    lead, i, o, r, n = case
+    inputs = make_multi(lead, i, o, r, n, dtype)
+    x, w, b, A, R, B, ids = inputs
+    _, _, gR = check_multi(multi(w, b, A, B, ids, 0.75), inputs, 0.75, dtype, f"{dtype} {case_id(case)}")
+    unused = [k for k in range(n) if not bool((ids == k).any())]
+    assert n - 1 in unused
+    assert torch.equal(gR[unused], torch.zeros_like(gR[unused])), "an adapter no row used got a gradient"
+
+
+@pytest.mark.parametrize("variant", ["int32-ids", "no-bias", "fp32-master-R", "scaling-tensor", "no-minus-one"])
+def test_parity_variants(variant):
+    dtype = torch.bfloat16 if variant == "fp32-master-R" else torch.float32
+    inputs = make_multi((2, 24), 48, 40, 8, 6, dtype, bias=variant != "no-bias", seed=3,
+                        r_dtype=torch.float32 if variant == "fp32-master-R" else None,
+                        id_dtype=torch.int32 if variant == "int32-ids" else torch.int64,
+                        minus_one=variant != "no-minus-one")
+    x, w, b, A, R, B, ids = inputs
+    s = torch.tensor([0.5, -2.0, 1.0, 3.0, 0.25, 7.0]) if variant == "scaling-tensor" else 1.5
+    check_multi(multi(w, b, A, B, ids, s), inputs, s, dtype, variant)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_every_row_equals_its_adapter_alone(dtype):
+    """Row by row: the batch of mixed adapters gives what each adapter's rows give through the
+    single-adapter op (loraxs_linear) with that adapter's R, gradients included; -1 rows give F.linear."""
+    n = 5
+    x, w, b, A, R, B, ids = make_multi((3, 20), 64, 48, 8, n, dtype, seed=5)
+    g = torch.randn(3, 20, 48, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    y = loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, 0.5)
+    y.backward(g)
+    for k in range(-1, n):
+        rows = ids == k
+        xk = x.detach()[rows].requires_grad_()
+        if k == -1:
+            yk = F.linear(xk, w, b)
+            yk.backward(g[rows])
+        else:
+            Rk = R.detach()[k].clone().requires_grad_()
+            yk = loraxs_kernels.loraxs_linear(xk, w, b, A, Rk, B, 0.5, backend="cpp")
+            yk.backward(g[rows])
+            if rows.any():
+                assert_close(R.grad[k], Rk.grad, dtype, f"grad_R[{k}]")
+        assert_close(y.detach()[rows], yk.detach(), dtype, f"y rows of adapter {k}", scale=y)
+        assert_close(x.grad[rows], xk.grad, dtype, f"grad_x rows of adapter {k}", scale=x.grad)
+
+
+def test_minus_one_rows_are_the_base_layer_bit_for_bit():
+    x, w, b, A, R, B, ids = make_multi((50,), 32, 24, 4, 3, torch.float32, seed=2)
+    ids[::2] = -1
+    x = x.detach().clone()
+    x[0, 0] = float("inf")  # a -1 row's low-rank term is never formed, so nothing from it leaks in
+    y = loraxs_kernels.loraxs_linear_multi(x, w, b, A, R.detach(), B, ids, 2.0)
+    base = F.linear(x, w, b)
+    assert torch.equal(y[ids == -1], base[ids == -1])
+    assert not torch.equal(y[ids >= 0], base[ids >= 0])
+    all_base = loraxs_kernels.loraxs_linear_multi(x, w, b, A, R.detach(), B, torch.full_like(ids, -1), 2.0)
+    assert torch.equal(all_base, base)
+
+
+def test_grad_R_is_reproducible_and_per_adapter():
+    """Two runs give the same bits; adapter k's gradient depends on its own rows only: the batch with
+    other adapters' rows removed gives the same grad_R[k] up to rounding."""
+    x, w, b, A, R, B, ids = make_multi((400,), 64, 64, 8, 9, torch.float32, seed=4)
+    g = torch.randn(400, 64, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for _ in range(2):
+        R.grad = None
+        loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, 1.0).backward(g)
+        runs.append(R.grad.clone())
+    assert torch.equal(runs[0], runs[1])
+    for k in (0, 3):
+        rows = ids == k
+        R.grad = None
+        loraxs_kernels.loraxs_linear_multi(x.detach()[rows], w, b, A, R, B, ids[rows], 1.0).backward(g[rows])
+        assert_close(R.grad[k], runs[0][k], torch.float32, f"grad_R[{k}] from its rows alone")
+        others = [j for j in range(9) if j != k]
+        assert torch.equal(R.grad[others], torch.zeros_like(R.grad[others]))
+
+
+# ------------------------------------------------------------------------------------ planted fault
+def neighbour_fault(w, b, A, B, ids, s, k):
+    """A wrong implementation: adapter k's rows get adapter k + 1's R."""
+    wrong = torch.where(ids == k, k + 1, ids)
+    return lambda x, R: reference.loraxs_linear_multi(x, w, b, A, R, B, wrong, s)
+
+
+class _SwapGradSlots(torch.autograd.Function):
+    """Identity forward; the backward hands adapter k's gradient to k + 1 and back."""
+
+    @staticmethod
+    def forward(ctx, R, k):
+        ctx.k = k
+        return R.view_as(R)
+
+    @staticmethod
+    def backward(ctx, g):
+        k = ctx.k
+        return g[torch.tensor([*range(k), k + 1, k, *range(k + 2, g.shape[0])])], None
+
+
+@pytest.mark.parametrize("fault", ["neighbour-R-forward", "grad_R-to-neighbour"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_parity_check_catches_a_neighbours_R(dtype, fault):
+    inputs = make_multi((64,), 128, 96, 16, 7, dtype, seed=0)
+    x, w, b, A, R, B, ids = inputs
+    assert bool((ids == 2).any())
+    if fault == "neighbour-R-forward":
+        fn, where = neighbour_fault(w, b, A, B, ids, 0.75, 2), "y"
+    else:
+        op = multi(w, b, A, B, ids, 0.75)
+        fn, where = (lambda x, R: op(x, _SwapGradSlots.apply(R, 2))), "grad_R"
+    with pytest.raises(AssertionError, match=f"{where}: max error beyond"):
+        check_multi(fn, inputs, 0.75, dtype, "neighbour")
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def _bad_cases():
+    def base():
+        x, w, b, A, R, B, ids = make_multi((4, 6), 16, 12, 4, 3, seed=1)
+        return dict(x=x.detach(), weight=w, bias=b, A=A, R=R.detach(), B=B, adapter_ids=ids, scaling=1.0)
+
+    def with_(**kw):
+        return lambda: {**base(), **{k: (v(base()) if callable(v) else v) for k, v in kw.items()}}
+
+    return [
+        ("id-too-large", with_(adapter_ids=lambda a: a["adapter_ids"].index_put((torch.tensor([2]), torch.tensor([5])),
+                                                                                 torch.tensor(3))),
+         ValueError, r"adapter_ids must be in \[-1, 3\) for a bank of 3 adapters \(R \(3, 4, 4\)\), got 3 at index \(2, 5\)"),
+        ("id-below-minus-one", with_(adapter_ids=lambda a: a["adapter_ids"].index_put((torch.tensor([0]), torch.tensor([1])),
+                                                                                       torch.tensor(-2))),
+         ValueError, r"got -2 at index \(0, 1\)"),
+        ("float-ids", with_(adapter_ids=lambda a: a["adapter_ids"].float()), TypeError,
+         r"adapter_ids has dtype torch.float32; it must be torch.int32 or torch.int64"),
+        ("ids-shape", with_(adapter_ids=lambda a: a["adapter_ids"][:, :5]), ValueError,
+         r"adapter_ids must have shape x.shape\[:-1\] = \(4, 6\) \(one id per row\), got \(4, 5\)"),
+        ("ids-flat", with_(adapter_ids=lambda a: a["adapter_ids"].reshape(-1)), ValueError, r"got \(24\)"),
+        ("ids-device", with_(adapter_ids=lambda a: a["adapter_ids"].to("meta")), RuntimeError,
+         r"adapter_ids is on meta but x is on cpu"),
+        ("R-2d", with_(R=lambda a: a["R"][0]), ValueError,
+         r"R must be a bank of shape \(n, r, r\) with n >= 1 adapters, got \(4, 4\)"),
+        ("R-rank", with_(R=lambda a: a["R"][:, :3, :3]), ValueError,
+         r"R must have shape \(n, r, r\) = \(3, 4, 4\) to match A \(16, 4\), got \(3, 3, 3\)"),
+        ("R-empty-bank", with_(R=lambda a: a["R"][:0]), ValueError, r"with n >= 1 adapters, got \(0, 4, 4\)"),
+        ("scaling-length", with_(scaling=torch.ones(2)), ValueError,
+         r"adapter_scaling must have shape \(n,\) = \(3\) to match R \(3, 4, 4\), got \(2\)"),
+        ("scaling-int", with_(scaling=torch.ones(3, dtype=torch.int64)), TypeError,
+         r"adapter_scaling has dtype torch.int64; it must be a floating dtype"),
+        ("x-features", with_(x=lambda a: a["x"][..., :15]), ValueError, r"x has 15 features"),
+    ]
+
+
+BAD = _bad_cases()
+
+
+@pytest.mark.parametrize("make,exc,match", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_input(make, exc, match):
+    a = make()
+    with pytest.raises(exc, match=match):
+        loraxs_kernels.loraxs_linear_multi(**a)
+    # The registered op checks the same before its kernel, with the same words.
+    s = a.pop("scaling")
+    st = (1.0, s) if isinstance(s, torch.Tensor) else (s, None)
+    with pytest.raises(exc, match=match):
+        torch.ops.loraxs.linear_multi(*a.values(), *st)
+
+
+@pytest.mark.parametrize("make,exc,match", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_python_contract_reads_the_same(make, exc, match):
+    """ops/multi.py's checks (the fake kernels' and the build-less path's) word each error as the C++ ones."""
+    from loraxs_kernels.ops.multi import check_multi_inputs
+
+    a = make()
+    s = a.pop("scaling")
+    with pytest.raises(exc, match=match):
+        check_multi_inputs(*a.values(), s if isinstance(s, torch.Tensor) else None)
+
+
+@pytest.mark.parametrize("name", ["ids-shape", "R-rank", "scaling-length", "float-ids"])
+def test_bad_input_reads_the_same_under_fake_tensors(name):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    make, exc, match = next(c[1:] for c in BAD if c[0] == name)
+    a = make()
+    s = a.pop("scaling")
+    st = (1.0, s) if isinstance(s, torch.Tensor) else (s, None)
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(exc, match=match):
+        torch.ops.loraxs.linear_multi_fwd(*a.values(), *st)
+
+
+def test_frozen_tensors_and_backends():
+    x, w, b, A, R, B, ids = make_multi((5,), 16, 12, 4, 3)
+    with pytest.raises(RuntimeError, match=r"A \(16, 4\) requires grad"):
+        loraxs_kernels.loraxs_linear_multi(x, w, b, A.clone().requires_grad_(), R, B, ids)
+    with pytest.raises(RuntimeError, match=r"adapter_scaling \(3\) requires grad"):
+        loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, torch.ones(3, requires_grad=True))
+    with pytest.raises(loraxs_kernels.BackendUnavailable, match="no many-adapter kernel"):
+        loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, backend="triton")
+    with pytest.raises(ValueError, match="unknown backend"):
+        loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, backend="nope")
+
+
+# ------------------------------------------------------------------------------- opcheck and compile
+def _samples():
+    out = []
+    for lead, kw, scale in [((8,), {}, 0.5), ((8,), {"bias": False}, 0.5), ((2, 3), {}, "tensor"),
+                            ((0,), {}, 0.5), ((), {}, 0.5),
+                            ((6,), {"dtype": torch.bfloat16, "r_dtype": torch.float32}, 0.5)]:
+        x, w, b, A, R, B, ids = make_multi(lead, 16, 12, 4, 3, **kw)
+        st = (1.0, torch.tensor([0.5, 2.0, -1.0])) if scale == "tensor" else (scale, None)
+        out.append((x, w, b, A, R, B, ids, *st))
+    x, w, b, A, R, B, ids = make_multi((8,), 16, 12, 4, 3)
+    out.append((x.detach(), w, b, A, R.detach(), B, ids, 1.0, None))  # nothing to differentiate
+    return out
+
+
+@pytest.mark.parametrize("i", range(7))
+def test_opcheck(i):
+    opcheck(torch.ops.loraxs.linear_multi.default, _samples()[i])
+
+
+def test_compile_fullgraph():
+    x, w, b, A, R, B, ids = make_multi((4, 10), 32, 24, 8, 5, seed=6)
+
+    def f(x, R, ids):
+        return loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, 0.5).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    gx, gR = torch.autograd.grad(compiled(x, R, ids), (x, R))
+    ex, eR = torch.autograd.grad(f(x, R, ids), (x, R))
+    assert_close(gx, ex, torch.float32, "compiled grad_x")
+    assert_close(gR, eR, torch.float32, "compiled grad_R")
+    ids2 = torch.randint(-1, 5, (4, 10), generator=torch.Generator().manual_seed(9))
+    assert_close(compiled(x, R, ids2), f(x, R, ids2), torch.float32, "compiled, other ids")
+
+
+def test_compile_module_dynamic():
+    _, layer = _layer()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=True)
+    for rows in (6, 11):
+        x = torch.randn(2, rows, 32)
+        ids = torch.randint(-1, 4, (2, rows), generator=torch.Generator().manual_seed(rows))
+        assert_close(compiled(x, ids), layer(x, ids), torch.float32, f"compiled module, {rows} rows")
+
+
+# -------------------------------------------------------------------------------------------- module
+def _layer(n=4, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(32, 24)
+    layer = loraxs_kernels.MultiLoRAXSLinear.from_linear(lin, rank=8, num_adapters=n, scaling=0.5)
+    with torch.no_grad():
+        layer.lora_R.copy_(torch.randn(n, 8, 8) / math.sqrt(8))
+    return lin, layer
+
+
+def test_module_forward_matches_reference():
+    lin, layer = _layer()
+    assert layer.lora_R.shape == (4, 8, 8) and layer.lora_R.requires_grad
+    assert not (layer.weight.requires_grad or layer.bias.requires_grad)
+    assert torch.equal(layer.weight, lin.weight)
+    x = torch.randn(3, 7, 32)
+    ids = torch.tensor([[0, 1, 2, 3, -1, 0, 1]] * 3)
+    ref = reference.loraxs_linear_multi(x, layer.weight, layer.bias, layer.lora_A, layer.lora_R, layer.lora_B, ids, 0.5)
+    assert_close(layer(x, ids), ref, torch.float32, "layer(x, ids)")
+    seq = torch.tensor([2, -1, 1])  # one id per sequence, broadcast over the 7 tokens
+    ref_seq = reference.loraxs_linear_multi(x, layer.weight, layer.bias, layer.lora_A, layer.lora_R, layer.lora_B,
+                                            seq[:, None].expand(3, 7), 0.5)
+    assert_close(layer(x, seq), ref_seq, torch.float32, "layer(x, per-sequence ids)")
+    with pytest.raises(RuntimeError, match="needs adapter ids"):
+        layer(x)
+    with pytest.raises(ValueError, match=r"fit neither the rows of x, \(3, 7\)"):
+        layer(x, torch.zeros(7, dtype=torch.long))
+
+
+def _model(n=3):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    plain = [m for m in model if isinstance(m, nn.Linear)]
+    weights = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in plain]
+    loraxs_kernels.apply_loraxs(model, rank=4, target_modules=["0", "2"], num_adapters=n, r_init="zeros")
+    return model, weights
+
+
+def test_apply_loraxs_num_adapters_and_use_adapters():
+    model, weights = _model()
+    assert all(isinstance(model[i], loraxs_kernels.MultiLoRAXSLinear) for i in (0, 2))
+    assert [p for p in model.parameters() if p.requires_grad] == [model[0].lora_R, model[2].lora_R]
+    x = torch.randn(4, 5, 16)
+
+    def plain(x):
+        return F.linear(F.relu(F.linear(x, *weights[0])), *weights[1])
+
+    with loraxs_kernels.use_adapters(model, torch.tensor([0, 1, -1, 2])):
+        assert_close(model(x), plain(x), torch.float32, "zero banks give the base model")
+    for layer in (model[0], model[2]):
+        with torch.no_grad():
+            layer.lora_R[1].normal_()
+    ids = torch.tensor([0, 1, -1, 1])
+    with loraxs_kernels.use_adapters(model, ids):
+        y = model(x)
+        with loraxs_kernels.use_adapters(model, torch.zeros(4, 5, dtype=torch.long)):  # (batch, seq), nested
+            assert_close(model(x), plain(x), torch.float32, "inner block: adapter 0 everywhere")
+        assert model[0].active_adapter_ids is ids  # the outer ids are back
+    assert model[0].active_adapter_ids is None
+    assert_close(y[[0, 2]], plain(x)[[0, 2]], torch.float32, "rows of adapter 0 and -1")
+    assert (y[[1, 3]] - plain(x)[[1, 3]]).abs().max() > 1e-2  # adapter 1 changes its rows
+    y.square().sum().backward()  # after the block: the forward kept its ids
+    for layer in (model[0], model[2]):
+        assert layer.lora_R.grad[0].abs().sum() > 0 and layer.lora_R.grad[1].abs().sum() > 0
+        assert torch.equal(layer.lora_R.grad[2], torch.zeros(4, 4))  # no row used adapter 2
+    with pytest.raises(ValueError, match="adapter_ids reach 3 but 0 holds 3 adapters"):
+        with loraxs_kernels.use_adapters(model, torch.tensor([3])):
+            pass
+    with pytest.raises(TypeError, match="int32 or int64"):
+        with loraxs_kernels.use_adapters(model, torch.tensor([0.0])):
+            pass
+
+
+def test_bank_slots_read_write_reset():
+    model, _ = _model(n=4)
+    bank_ptrs = [model[i].lora_R.data_ptr() for i in (0, 2)]
+    new = {p: torch.randn(4, 4) for p in ("0", "2")}
+    before = {p: loraxs_kernels.read_adapter_slot(model, k) for k, p in [(0, "a"), (1, "b"), (3, "d")]}
+    loraxs_kernels.write_adapter_slot(model, 2, new)
+    got = loraxs_kernels.read_adapter_slot(model, 2)
+    assert all(torch.equal(got[p], new[p]) for p in new)
+    for k, p in [(0, "a"), (1, "b"), (3, "d")]:
+        now = loraxs_kernels.read_adapter_slot(model, k)
+        assert all(torch.equal(now[q], before[p][q]) for q in now)
+    assert [model[i].lora_R.data_ptr() for i in (0, 2)] == bank_ptrs
+    got["0"].add_(1)  # a read is a copy
+    assert torch.equal(model[0].lora_R[2], new["0"])
+    loraxs_kernels.reset_adapter_slot(model, 2)
+    assert torch.equal(model[0].lora_R[2], torch.zeros(4, 4))
+    with pytest.raises(IndexError, match=r"in \[0, 4\), got 4"):
+        loraxs_kernels.read_adapter_slot(model, 4)
+    with pytest.raises(ValueError, match=r"missing \['2'\]"):
+        loraxs_kernels.write_adapter_slot(model, 1, {"0": torch.zeros(4, 4)})
+    with pytest.raises(ValueError, match=r"must have shape \(4, 4\), got \(3, 3\)"):
+        loraxs_kernels.write_adapter_slot(model, 1, {"0": torch.zeros(4, 4), "2": torch.zeros(3, 3)})
+    assert torch.equal(model[0].lora_R[1], before["b"]["0"])  # the failed write touched nothing
+
+
+# --------------------------------------------------------------------------------------- benchmark
+def test_benchmark_providers_agree_and_run(capsys):
+    """benchmarks/multi.py's providers compute the same layer (so its ratios compare like with like),
+    and its smoke run and memory table work."""
+    pytest.importorskip("peft")
+    from benchmarks import multi as bench
+
+    x, w, b, A, R, B, ids = bench.build(96, 32, 4, 10)
+    y = loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids)
+    assert_close(bench.loop(x, w, b, A, R, B, ids), y, torch.float32, "loop provider")
+    assert_close(y, reference.loraxs_linear_multi(x, w, b, A, R, B, ids), torch.float32, "multi provider")
+    assert bench.main(["--smoke"]) == 0 and "peft_lora_mixed" in capsys.readouterr().out
+    assert bench.main(["--memory"]) == 0
+    row = next(r for r in bench.memory_table() if r["r"] == 16 and r["dtype"] == "bf16")
+    assert row["bank_MiB"] == 10_000 * 16 * 16 * 2 / 2**20
