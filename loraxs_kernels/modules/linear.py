@@ -130,38 +130,14 @@ class FusedLoRAXSLinear(nn.Module):
         basis: None (A and B from the SVD of W) or an (A, B) pair of shapes (in, r) and (r, out) to use
         instead, e.g. a basis stored in an adapter file or an official LoRA-XS checkpoint.
         """
-        weight, bias, fan_in_fan_out = base_tensors(linear)
+        weight, bias, _ = base_tensors(linear)
         out_features, in_features = weight.shape
         layer = cls(
             in_features, out_features, rank, bias=bias is not None, scaling=scaling,
             device="meta", dtype=weight.dtype, **kwargs,
         )
         # Built on the meta device, so the throw-away init and SVD of a fresh weight are skipped.
-        if basis is not None:
-            A, B = basis
-            if tuple(A.shape) != (in_features, rank) or tuple(B.shape) != (rank, out_features):
-                raise ValueError(
-                    f"basis must be A ({in_features}, {rank}) and B ({rank}, {out_features}) for "
-                    f"{type(linear).__name__}(in={in_features}, out={out_features}) at rank {rank}, "
-                    f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
-                )
-        device = weight.device
-        if share_weight:
-            layer.weight = linear.weight if not fan_in_fan_out else nn.Parameter(weight.detach(), requires_grad=False)
-            layer.weight.requires_grad_(False)
-            if bias is not None:
-                layer.bias = linear.bias
-                layer.bias.requires_grad_(False)
-            layer.lora_A = torch.empty(in_features, rank, device=device, dtype=weight.dtype)
-            layer.lora_B = torch.empty(rank, out_features, device=device, dtype=weight.dtype)
-            layer.lora_R = nn.Parameter(torch.empty(rank, rank, device=device, dtype=layer.lora_R.dtype))
-        else:
-            layer = layer.to_empty(device=device)
-            with torch.no_grad():
-                layer.weight.copy_(weight)
-                if bias is not None:
-                    layer.bias.copy_(bias)
-        layer.fan_in_fan_out = fan_in_fan_out
+        layer = attach_base(layer, linear, rank, share_weight=share_weight, basis=basis)
         r_init = kwargs.get("r_init", "normal")
         if basis is None:
             layer.reset_adapter(r_init)
@@ -203,3 +179,37 @@ class FusedLoRAXSLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}, scaling={self.scaling}, backend={self.backend!r}"
         )
+
+
+def attach_base(layer: nn.Module, linear: nn.Module, rank: int, *, share_weight: bool, basis) -> nn.Module:
+    """Give a LoRA-XS layer built on the meta device `linear`'s weight and bias (its own tensors,
+    frozen in place, when share_weight; else copies) and real storage for A, B and R (R of the
+    layer's own shape: (r, r), or a bank). Checks a given (A, B) basis's shapes. Returns the layer."""
+    weight, bias, fan_in_fan_out = base_tensors(linear)
+    out_features, in_features = weight.shape
+    if basis is not None:
+        A, B = basis
+        if tuple(A.shape) != (in_features, rank) or tuple(B.shape) != (rank, out_features):
+            raise ValueError(
+                f"basis must be A ({in_features}, {rank}) and B ({rank}, {out_features}) for "
+                f"{type(linear).__name__}(in={in_features}, out={out_features}) at rank {rank}, "
+                f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
+            )
+    device = weight.device
+    if share_weight:
+        layer.weight = linear.weight if not fan_in_fan_out else nn.Parameter(weight.detach(), requires_grad=False)
+        layer.weight.requires_grad_(False)
+        if bias is not None:
+            layer.bias = linear.bias
+            layer.bias.requires_grad_(False)
+        layer.lora_A = torch.empty(in_features, rank, device=device, dtype=weight.dtype)
+        layer.lora_B = torch.empty(rank, out_features, device=device, dtype=weight.dtype)
+        layer.lora_R = nn.Parameter(torch.empty(layer.lora_R.shape, device=device, dtype=layer.lora_R.dtype))
+    else:
+        layer = layer.to_empty(device=device)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+    layer.fan_in_fan_out = fan_in_fan_out
+    return layer

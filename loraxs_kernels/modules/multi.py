@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..ops.multi import loraxs_linear_multi
-from .linear import R_INIT_STD, base_tensors
+from .linear import R_INIT_STD, attach_base, base_tensors
 from .svd_init import svd_factors
 
 
@@ -69,34 +69,11 @@ class MultiLoRAXSLinear(nn.Module):
                     share_weight: bool = False, basis=None, **kwargs) -> "MultiLoRAXSLinear":
         """A bank of num_adapters LoRA-XS adapters around `linear` (nn.Linear or transformers Conv1D),
         frozen. share_weight and basis as in FusedLoRAXSLinear.from_linear."""
-        weight, bias, fan_in_fan_out = base_tensors(linear)
+        weight, bias, _ = base_tensors(linear)
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, rank, num_adapters, bias=bias is not None, scaling=scaling,
                     device="meta", dtype=weight.dtype, **kwargs)
-        if basis is not None:
-            A, B = basis
-            if tuple(A.shape) != (in_features, rank) or tuple(B.shape) != (rank, out_features):
-                raise ValueError(
-                    f"basis must be A ({in_features}, {rank}) and B ({rank}, {out_features}) for "
-                    f"{type(linear).__name__}(in={in_features}, out={out_features}) at rank {rank}, "
-                    f"got A {tuple(A.shape)} and B {tuple(B.shape)}")
-        device = weight.device
-        if share_weight:
-            layer.weight = linear.weight if not fan_in_fan_out else nn.Parameter(weight.detach(), requires_grad=False)
-            layer.weight.requires_grad_(False)
-            if bias is not None:
-                layer.bias = linear.bias
-                layer.bias.requires_grad_(False)
-            layer.lora_A = torch.empty(in_features, rank, device=device, dtype=weight.dtype)
-            layer.lora_B = torch.empty(rank, out_features, device=device, dtype=weight.dtype)
-            layer.lora_R = nn.Parameter(torch.empty(num_adapters, rank, rank, device=device, dtype=layer.lora_R.dtype))
-        else:
-            layer = layer.to_empty(device=device)
-            with torch.no_grad():
-                layer.weight.copy_(weight)
-                if bias is not None:
-                    layer.bias.copy_(bias)
-        layer.fan_in_fan_out = fan_in_fan_out
+        layer = attach_base(layer, linear, rank, share_weight=share_weight, basis=basis)
         with torch.no_grad():
             A, B = basis if basis is not None else svd_factors(layer.weight, rank)
             layer.lora_A.copy_(A)
