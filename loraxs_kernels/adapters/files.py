@@ -92,8 +92,6 @@ def save_adapter(model: nn.Module, path, *, include_basis: bool = False, modules
     basis is stored anyway). modules_to_save: dotted paths whose modules are saved whole; default
     the ones apply_loraxs / load_adapter recorded on the model.
     """
-    from safetensors.torch import save_file
-
     layers = _layers(model)
     if not layers:
         raise ValueError("the model has no FusedLoRAXSLinear layers: apply_loraxs or load_adapter first")
@@ -163,12 +161,20 @@ def save_adapter(model: nn.Module, path, *, include_basis: bool = False, modules
         "saved_module_keys": saved_keys,
         "layers": layer_cfg,
     }
+    return write_adapter_dir(path, tensors, config, {"format": "pt", "loraxs_format": FORMAT_NAME})
+
+
+def write_adapter_dir(path, tensors: dict, config: dict, metadata: dict) -> Path:
+    """A directory with adapter_model.safetensors and adapter_config.json (our format and PEFT's
+    share the names). Both are written beside the target and then renamed: a crash never leaves a
+    half-written adapter under the name."""
+    from safetensors.torch import save_file
+
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    # Write beside the target, then rename: a crash never leaves a half-written adapter under the name.
     with tempfile.NamedTemporaryFile(dir=out, suffix=".tmp", delete=False) as f:
         tmp_w = f.name
-    save_file(tensors, tmp_w, metadata={"format": "pt", "loraxs_format": FORMAT_NAME})
+    save_file(tensors, tmp_w, metadata=metadata)
     tmp_c = tmp_w + ".json"
     with open(tmp_c, "w") as f:
         json.dump(config, f, indent=1)

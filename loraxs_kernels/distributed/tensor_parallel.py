@@ -32,46 +32,41 @@ def _distribute(module: nn.Module, mesh, placements: dict, src_data_rank) -> Non
             module.register_buffer(name, distribute_tensor(buf, mesh, [placement], src_data_rank=src_data_rank))
 
 
-class LoRAXSColwiseParallel(ColwiseParallel):
+class _LoRAXSStyle:
+    """What the column- and row-wise styles share: a FusedLoRAXSLinear is distributed with the
+    subclass's PLACEMENTS (and INPUT_LAYOUTS, where they differ from torch's style); any other
+    module goes to torch's own style."""
+
+    PLACEMENTS: dict = {}
+    INPUT_LAYOUTS: tuple | None = None
+
+    def _partition_loraxs_fn(self, name, module, device_mesh):
+        _distribute(module, device_mesh, self.PLACEMENTS, self.src_data_rank)
+
+    def _apply(self, module: nn.Module, device_mesh):
+        if not isinstance(module, FusedLoRAXSLinear):
+            return super()._apply(module, device_mesh)
+        if self.INPUT_LAYOUTS is not None:
+            self.desired_input_layouts = self.INPUT_LAYOUTS
+        return distribute_module(
+            module, device_mesh, self._partition_loraxs_fn,
+            lambda mod, inputs, mesh: self._prepare_input_fn(
+                self.input_layouts, self.desired_input_layouts, mod, inputs, mesh),
+            lambda mod, outputs, mesh: self._prepare_output_fn(
+                self.output_layouts, self.use_local_output, mod, outputs, mesh),
+        )
+
+
+class LoRAXSColwiseParallel(_LoRAXSStyle, ColwiseParallel):
     """ColwiseParallel that also shards a FusedLoRAXSLinear's A and B (see the module docstring)."""
 
-    def _partition_loraxs_fn(self, name, module, device_mesh):
-        _distribute(
-            module, device_mesh,
-            {"weight": Shard(0), "bias": Shard(0), "lora_A": Replicate(), "lora_R": Replicate(), "lora_B": Shard(1)},
-            self.src_data_rank,
-        )
-
-    def _apply(self, module: nn.Module, device_mesh):
-        if not isinstance(module, FusedLoRAXSLinear):
-            return super()._apply(module, device_mesh)
-        return distribute_module(
-            module, device_mesh, self._partition_loraxs_fn,
-            lambda mod, inputs, mesh: self._prepare_input_fn(
-                self.input_layouts, self.desired_input_layouts, mod, inputs, mesh),
-            lambda mod, outputs, mesh: self._prepare_output_fn(
-                self.output_layouts, self.use_local_output, mod, outputs, mesh),
-        )
+    PLACEMENTS = {"weight": Shard(0), "bias": Shard(0), "lora_A": Replicate(), "lora_R": Replicate(),
+                  "lora_B": Shard(1)}
 
 
-class LoRAXSRowwiseParallel(RowwiseParallel):
+class LoRAXSRowwiseParallel(_LoRAXSStyle, RowwiseParallel):
     """RowwiseParallel that also shards a FusedLoRAXSLinear's A and B (see the module docstring)."""
 
-    def _partition_loraxs_fn(self, name, module, device_mesh):
-        _distribute(
-            module, device_mesh,
-            {"weight": Shard(1), "bias": Replicate(), "lora_A": Shard(0), "lora_R": Replicate(), "lora_B": Replicate()},
-            self.src_data_rank,
-        )
-
-    def _apply(self, module: nn.Module, device_mesh):
-        if not isinstance(module, FusedLoRAXSLinear):
-            return super()._apply(module, device_mesh)
-        self.desired_input_layouts = (Shard(-1),)
-        return distribute_module(
-            module, device_mesh, self._partition_loraxs_fn,
-            lambda mod, inputs, mesh: self._prepare_input_fn(
-                self.input_layouts, self.desired_input_layouts, mod, inputs, mesh),
-            lambda mod, outputs, mesh: self._prepare_output_fn(
-                self.output_layouts, self.use_local_output, mod, outputs, mesh),
-        )
+    PLACEMENTS = {"weight": Shard(1), "bias": Replicate(), "lora_A": Shard(0), "lora_R": Replicate(),
+                  "lora_B": Replicate()}
+    INPUT_LAYOUTS = (Shard(-1),)

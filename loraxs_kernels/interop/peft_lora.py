@@ -11,14 +11,12 @@ vLLM or LoRAX serve it unchanged.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..adapters.files import write_adapter_dir
 from ..modules.linear import FusedLoRAXSLinear
 from ..modules.model import MODULES_TO_SAVE_ATTR
 
@@ -37,8 +35,6 @@ def export_peft_lora(model: nn.Module, path, *, dtype: torch.dtype | None = None
     apply_loraxs / load_adapter; their state is written under their own paths, as PEFT does.
     Layers of different ranks go into rank_pattern / alpha_pattern.
     """
-    from safetensors.torch import save_file
-
     layers = [(p, m) for p, m in model.named_modules() if isinstance(m, FusedLoRAXSLinear)]
     if not layers:
         raise ValueError("the model has no FusedLoRAXSLinear layers to export")
@@ -79,11 +75,4 @@ def export_peft_lora(model: nn.Module, path, *, dtype: torch.dtype | None = None
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out, suffix=".tmp", delete=False) as f:
-        tmp = f.name
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, out / "adapter_model.safetensors")
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=1))
-    return out
+    return write_adapter_dir(path, tensors, config, {"format": "pt"})
