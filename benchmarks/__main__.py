@@ -1,4 +1,4 @@
-"""python -m benchmarks [--preset quick|full|smoke|overhead] [--device auto|cpu|cuda] [--providers a,b]
+"""python -m benchmarks [--preset quick|full|smoke|multi|overhead] [--device auto|cpu|cuda] [--providers a,b]
                      [--modes forward,backward,full] [--dtypes bf16,fp16] [--out DIR] [--no-plots]
                      [--key-only] [--min-reps N] [--threads N] [--wait-quiet S]
 
@@ -178,11 +178,13 @@ def run_case(case: Case, device: torch.device, providers: list[Provider], modes:
             progress.update(len(modes))
         return []
 
+    # Many-adapter providers need a bank and ids: on a single-adapter case they have nothing to run.
+    providers = [p for p in providers if not p.many or case.adapters]
     for p in providers:
         try:
             b = p.build(inp)
             # The first call compiles, autotunes or initialises lazily: timed apart, never in the medians.
-            first = measure.wall_ms(device, lambda: _full(b, inp.grad_out))
+            first = measure.wall_ms(device, b.forward if p.forward_only else lambda: _full(b, inp.grad_out))
             compile_ms[p.name] = first if p.compiles else None
             saved[p.name] = measure.saved_bytes(b)
             built[p.name] = b
@@ -193,8 +195,10 @@ def run_case(case: Case, device: torch.device, providers: list[Provider], modes:
     lora = {p.name: p.lora_xs for p in providers}
     case_settings = dataclasses.replace(settings, min_reps=settings.key_min_reps) if case.key else settings
     K, N, r, M = case.in_features, case.out_features, case.rank, case.M
+    forward_only = {p.name for p in providers if p.forward_only}
     for mode in modes:
-        steps = {name: measure.step_for(b, inp, mode) for name, b in built.items()}
+        steps = {name: measure.step_for(b, inp, mode) for name, b in built.items()
+                 if mode == "forward" or name not in forward_only}
         if wait_quiet_s > 0:
             measure.wait_for_quiet(BUSY_FRAC, wait_quiet_s)
         with measure.OtherLoad() as other:
@@ -211,6 +215,7 @@ def run_case(case: Case, device: torch.device, providers: list[Provider], modes:
             records.append({
                 "provider": name, "mode": mode, "model": case.model, "layer": case.layer,
                 "M": M, "in_features": K, "out_features": N, "rank": r, "dtype": case.dtype,
+                "adapters": case.adapters, "active": case.active,
                 "device": str(device), "key": case.key,
                 # Other processes' share of all CPUs while this mode was timed: CPU timings taken
                 # beside another job are slower, and not uniformly so (docs/benchmarks.md, caveats).
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         records = overhead.run(device, out_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
         print((out_dir / "overhead.md").read_text())
         return {"overhead": records}
-    providers = select(_csv(args.providers))
+    providers = select(_csv(args.providers), args.preset)
     modes = [m for m in MODES if m in _csv(args.modes)] or list(MODES)
     cases = cases_for(args.preset, device, tuple(_csv(args.dtypes)) or None)
     if args.key_only:

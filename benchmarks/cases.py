@@ -2,6 +2,8 @@
 
 A case is one LoRA-XS layer call: M tokens through an in→out linear layer with a rank-r adapter,
 in one dtype. Every provider is measured on every case in every mode, on the same input tensors.
+A many-adapter case (preset "multi", issue 11) also has a bank of `adapters` R matrices of which
+`active` distinct ones are named by the batch's rows.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import dataclasses
 
 import torch
 
-PRESETS = ("quick", "full", "smoke")
+PRESETS = ("quick", "full", "smoke", "multi")
 MODES = ("forward", "backward", "full")
 """forward: the training forward (autograd records the graph, x and the adapter require grad).
 backward: the backward alone, from a fresh forward that is not timed. full: forward + backward."""
@@ -55,6 +57,8 @@ class Case:
     rank: int
     dtype: str  # a key of DTYPES
     key: bool = False  # the headline case of its preset (summarised first in results.md)
+    adapters: int = 0  # many-adapter cases: adapters resident in the bank (0: a single-adapter case)
+    active: int = 0    # ... and how many distinct ones the batch's rows name
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -66,15 +70,19 @@ class Case:
 
     @property
     def id(self) -> str:
-        return f"{self.shape_id}-M{self.M}-r{self.rank}-{self.dtype}"
+        many = f"-n{self.adapters}a{self.active}" if self.adapters else ""
+        return f"{self.shape_id}-M{self.M}-r{self.rank}-{self.dtype}{many}"
 
     def describe(self) -> str:
+        many = f", {self.active} of {self.adapters} adapters" if self.adapters else ""
         return (f"{self.model} {self.layer}: {self.in_features}→{self.out_features}, M={self.M}, "
-                f"r={self.rank}, {self.dtype}")
+                f"r={self.rank}, {self.dtype}{many}")
 
 
-def _case(shape: Shape, M: int, rank: int, dtype: str, key: bool = False) -> Case:
-    return Case(shape.model, shape.layer, shape.in_features, shape.out_features, M, rank, dtype, key)
+def _case(shape: Shape, M: int, rank: int, dtype: str, key: bool = False, adapters: int = 0,
+          active: int = 0) -> Case:
+    return Case(shape.model, shape.layer, shape.in_features, shape.out_features, M, rank, dtype, key, adapters,
+                active)
 
 
 def _shape(in_features: int, out_features: int, model: str) -> Shape:
@@ -110,10 +118,26 @@ def cases_for(preset: str, device: torch.device, dtypes: tuple[str, ...] | None 
         is_key = (shape, M, rank) == (key["shape"], key["M"], key["rank"]) and dtype == dtypes[0]
         out.append(_case(shape, M, rank, dtype, key=is_key))
 
+    if preset == "multi":
+        # Issue 11's goals. CPU: 4096 rows over 1,000 adapters (ids uniformly random), against the
+        # single-adapter op, the per-adapter loop and PEFT's mixed batch. GPU: decode (64 rows over 64
+        # distinct adapters of 10,000 resident; 16 rows, the CUDA decode kernel's range) against
+        # nn.Linear, and prefill (8192 rows over 1,000) against the single-adapter op.
+        for dtype in dtypes:
+            if gpu:
+                out.append(_case(key["shape"], 8192, 16, dtype, key=dtype == dtypes[0], adapters=1000, active=1000))
+                out.append(_case(key["shape"], 64, 16, dtype, adapters=10_000, active=64))
+                out.append(_case(key["shape"], 16, 16, dtype, adapters=10_000, active=16))
+            else:
+                out.append(_case(key["shape"], key["M"], 16, dtype, key=dtype == dtypes[0], adapters=1000,
+                                 active=1000))
+                out.append(_case(key["shape"], 64, 16, dtype, adapters=10_000, active=64))
+        return out
     if preset == "smoke":
         # Seconds: one tiny case is enough to run every provider in every mode end to end.
         for dtype in dtypes:
             out.append(_case(TINY, 32, 8, dtype, key=dtype == dtypes[0]))
+            out.append(_case(TINY, 32, 8, dtype, adapters=10, active=5))
         return out
     if preset == "quick":
         for dtype in dtypes:

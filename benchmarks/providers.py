@@ -5,6 +5,12 @@
     peft_lora         PEFT's LoRA layer of the same rank around the same frozen nn.Linear
     compiled_unfused  torch.compile of the unfused chain (compile time reported apart)
     torch, cpp, triton, cuda   this package's op, loraxs_linear(..., backend=name)
+many-adapter cases only (preset "multi"; the single-adapter providers above run the whole batch
+through one R, the yardstick of issue 11's goals):
+    multi, multi_torch, multi_triton, multi_cuda   loraxs_linear_multi(..., backend=auto/name)
+    multi_loop        the single-adapter op once per adapter on its rows (what a caller writes without it)
+    peft_lora_mixed   PEFT LoRA with one rank-r adapter per active adapter (at most 64) and
+                      `adapter_names=` (forward only: PEFT refuses adapter_names in training mode)
 
 A provider either builds (inputs → Built) or says in one sentence why it cannot run on the device.
 """
@@ -21,7 +27,7 @@ import torch
 from torch import nn
 
 from loraxs_kernels import backends as lx_backends
-from loraxs_kernels import loraxs_linear, reference
+from loraxs_kernels import loraxs_linear, loraxs_linear_multi, reference
 
 from .cases import Case
 
@@ -41,6 +47,8 @@ class Inputs:
     B: torch.Tensor         # (r, out), frozen
     grad_out: torch.Tensor  # (M, out): the upstream gradient the backward is fed
     scaling: float = SCALING
+    R_bank: torch.Tensor | None = None  # many-adapter cases: (adapters, r, r), trainable
+    ids: torch.Tensor | None = None     # ... and (M,) int64 adapter ids naming `active` distinct adapters
 
 
 def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
@@ -51,7 +59,15 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
     K, N, r, M = case.in_features, case.out_features, case.rank, case.M
     kw = dict(device=device, dtype=case.torch_dtype)
     bound = 1.0 / math.sqrt(K)  # nn.Linear's initialisation range
-    return Inputs(
+    many = {}
+    if case.adapters:
+        # `active` distinct adapters drawn from the bank, each on at least one row when M allows, in a
+        # random row order (serving batches interleave tenants).
+        chosen = torch.randperm(case.adapters)[: case.active]
+        ids = chosen[torch.arange(M) % case.active][torch.randperm(M)]
+        many = dict(R_bank=(torch.randn(case.adapters, r, r, **kw) / math.sqrt(r)).requires_grad_(True),
+                    ids=ids.to(device))
+    return Inputs(**many,
         x=torch.randn(M, K, **kw).requires_grad_(True),
         weight=torch.empty(N, K, **kw).uniform_(-bound, bound),
         bias=torch.empty(N, **kw).uniform_(-bound, bound),
@@ -77,7 +93,9 @@ class Provider:
     build: Callable[[Inputs], Built]
     compiles: bool = False   # the first call compiles or autotunes: report it as compile_ms
     lora_xs: bool = True     # computes the LoRA-XS layer (False: the plain linear floor)
-    same_output: bool = True  # y equals reference.loraxs_linear up to rounding
+    same_output: bool = True  # y equals reference.loraxs_linear(_multi) up to rounding
+    many: bool = False       # needs a many-adapter case (preset "multi")
+    forward_only: bool = False  # measured in the forward mode only
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         try:
@@ -187,6 +205,72 @@ def _backend_builder(name: str) -> Callable[[Inputs], Built]:
     return build
 
 
+# ------------------------------------------------------------------------------- many adapters
+def _many(inp: Inputs) -> None:
+    if inp.R_bank is None:
+        raise ValueError("not a many-adapter case: run these providers with --preset multi")
+
+
+def _multi_builder(name: str) -> Callable[[Inputs], Built]:
+    def build(inp: Inputs) -> Built:
+        _many(inp)
+
+        def forward():
+            return loraxs_linear_multi(inp.x, inp.weight, inp.bias, inp.A, inp.R_bank, inp.B, inp.ids, inp.scaling,
+                                       backend=name)
+
+        return Built(forward, [inp.x, inp.R_bank], [inp.weight, inp.bias, inp.A, inp.R_bank, inp.B])
+
+    return build
+
+
+def _build_multi_loop(inp: Inputs) -> Built:
+    """Rows sorted by adapter once, then one single-adapter call per adapter present. x and the bank
+    are split with one op each (split, unbind), whose backwards are one cat / stack: indexing x[rows]
+    per adapter instead made each backward allocate an (M×in) zero tensor per adapter (measured:
+    13.9 s for forward + backward at 1,000 adapters)."""
+    _many(inp)
+    order = torch.argsort(inp.ids, stable=True)
+    adapters, counts = torch.unique_consecutive(inp.ids[order], return_counts=True)
+    adapters, counts, inverse = adapters.tolist(), counts.tolist(), torch.argsort(order)
+
+    def forward():
+        xs = inp.x.index_select(0, order).split(counts)
+        Rs = inp.R_bank.unbind(0)
+        outs = [loraxs_linear(xk, inp.weight, inp.bias, inp.A, Rs[k], inp.B, inp.scaling)
+                for k, xk in zip(adapters, xs)]
+        return torch.cat(outs).index_select(0, inverse)
+
+    return Built(forward, [inp.x, inp.R_bank], [inp.weight, inp.bias, inp.A, inp.R_bank, inp.B])
+
+
+PEFT_MIXED_MAX_ADAPTERS = 64
+
+
+def _build_peft_lora_mixed(inp: Inputs) -> Built:
+    """PEFT's mixed-adapter batch: one rank-r LoRA adapter per active adapter (at most 64, the
+    issue's comparison; rows beyond that reuse them), rows naming theirs through adapter_names."""
+    from peft import LoraConfig, get_peft_model
+
+    _many(inp)
+    r = inp.A.shape[1]
+    n = min(int(inp.ids.unique().numel()), PEFT_MIXED_MAX_ADAPTERS)
+    base = nn.Sequential(_frozen_linear(inp))
+
+    def config():
+        return LoraConfig(r=r, lora_alpha=r * inp.scaling, target_modules=["0"], init_lora_weights=False)
+
+    model = get_peft_model(base, config(), adapter_name="a0")
+    for i in range(1, n):
+        model.add_adapter(f"a{i}", config())
+    model.to(device=inp.x.device, dtype=inp.x.dtype)
+    model.eval()  # adapter_names is refused in training mode
+    _, dense = torch.unique(inp.ids, return_inverse=True)
+    names = [f"a{i % n}" for i in dense.tolist()]
+    lora = [p for name, p in model.named_parameters() if "lora_" in name]
+    return Built(lambda: model(inp.x, adapter_names=names), [inp.x], [inp.weight, inp.bias, *lora])
+
+
 _ALL = [
     Provider("nn_linear", "frozen nn.Linear alone (the floor: no adapter)", lambda d: None, _build_nn_linear,
              lora_xs=False, same_output=False),
@@ -205,15 +289,35 @@ _ALL = [
              _backend_builder("triton"), compiles=True),
     Provider("cuda", "loraxs_linear(backend='cuda'): the C++/CUDA kernel", _backend_reason("cuda"),
              _backend_builder("cuda")),
+    Provider("multi", "loraxs_linear_multi(backend='auto'): per-row R from a bank", lambda d: None,
+             _multi_builder("auto"), many=True),
+    Provider("multi_torch", "loraxs_linear_multi(backend='torch'): the grouped ATen schedule",
+             _backend_reason("torch"), _multi_builder("torch"), many=True),
+    Provider("multi_triton", "loraxs_linear_multi(backend='triton'): Triton kernels", _backend_reason("triton"),
+             _multi_builder("triton"), compiles=True, many=True),
+    Provider("multi_cuda", "loraxs_linear_multi(backend='cuda'): the C++/CUDA kernels", _backend_reason("cuda"),
+             _multi_builder("cuda"), many=True),
+    Provider("multi_loop", "the single-adapter op once per adapter on its rows", lambda d: None, _build_multi_loop,
+             many=True),
+    Provider("peft_lora_mixed", "PEFT LoRA, one adapter per active adapter (≤ 64), adapter_names=", _peft_reason,
+             _build_peft_lora_mixed, many=True, same_output=False, forward_only=True),
 ]
 PROVIDERS: dict[str, Provider] = {p.name: p for p in _ALL}
 FUSED = ("torch", "cpp", "triton", "cuda")  # this package's backends
+MULTI = ("multi", "multi_torch", "multi_triton", "multi_cuda")  # ... for many adapters
+# The multi preset's default: the floor, the single-adapter op (the goals' yardstick), and the
+# many-adapter providers; the unfused chain and single-adapter PEFT say nothing about many adapters.
+MULTI_DEFAULT = ("nn_linear", "cpp", "triton", "cuda", "multi", "multi_triton", "multi_cuda", "multi_loop",
+                 "peft_lora_mixed")
 
 
-def select(names: list[str] | None) -> list[Provider]:
-    """Providers by name, in the canonical order; all of them when names is empty."""
+def select(names: list[str] | None, preset: str | None = None) -> list[Provider]:
+    """Providers by name, in the canonical order; without names, the preset's default: every
+    single-adapter provider, plus (smoke) or only (multi: MULTI_DEFAULT) the many-adapter ones."""
     if not names:
-        return list(_ALL)
+        if preset == "multi":
+            return [p for p in _ALL if p.name in MULTI_DEFAULT]
+        return [p for p in _ALL if not p.many or preset == "smoke"]
     unknown = [n for n in names if n not in PROVIDERS]
     if unknown:
         raise ValueError(f"unknown provider(s) {', '.join(unknown)}; choose from {', '.join(PROVIDERS)}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .cases import MODES
 from .measure import Timing, paired_ratio
-from .providers import FUSED, PROVIDERS
+from .providers import FUSED, MULTI, PROVIDERS
 
 RATIO_TICKS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0)
 MODE_TITLES = {"forward": "forward", "backward": "backward", "full": "full (fwd+bwd)"}
@@ -56,7 +56,8 @@ def fmt_frac(v: float | None) -> str:
 
 # ------------------------------------------------------------------------------------------ ratios
 def case_key(r: dict) -> tuple:
-    return (r["model"], r["layer"], r["in_features"], r["out_features"], r["M"], r["rank"], r["dtype"])
+    return (r["model"], r["layer"], r["in_features"], r["out_features"], r["M"], r["rank"], r["dtype"],
+            r.get("adapters", 0), r.get("active", 0))
 
 
 def _timing(r: dict) -> Timing:
@@ -71,9 +72,17 @@ def add_ratios(records: list[dict]) -> None:
         by[case_key(r) + (r["mode"],)][r["provider"]] = r
     for group in by.values():
         floor, unfused = group.get("nn_linear"), group.get("unfused")
+        # Many-adapter cases: against the fastest single-adapter backend (the whole batch through one
+        # R: issue 11's yardstick), and each provider's time over the multi op's.
+        fused = min((group[n] for n in FUSED if n in group), key=lambda r: r["median_ms"], default=None)
+        multi = group.get("multi")
         for r in group.values():
             r["vs_nn_linear"] = paired_ratio(_timing(r), _timing(floor)) if floor else None
             r["vs_unfused"] = paired_ratio(_timing(unfused), _timing(r)) if unfused else None
+            if r.get("adapters"):
+                r["vs_fused"] = paired_ratio(_timing(r), _timing(fused)) if fused else None
+                r["fused_name"] = fused["provider"] if fused else None
+                r["vs_multi"] = paired_ratio(_timing(r), _timing(multi)) if multi else None
 
 
 def _order(records: list[dict]) -> list[dict]:
@@ -88,8 +97,9 @@ def _cases(records: list[dict]) -> list[tuple]:
 
 
 def _describe(k: tuple) -> str:
-    model, layer, K, N, M, r, dtype = k
-    return f"{model} {layer}: {K}→{N}, M={M}, r={r}, {dtype}"
+    model, layer, K, N, M, r, dtype, adapters, active = k
+    many = f", {active} of {adapters} adapters" if adapters else ""
+    return f"{model} {layer}: {K}→{N}, M={M}, r={r}, {dtype}{many}"
 
 
 # ----------------------------------------------------------------------------------------- tables
@@ -98,17 +108,25 @@ HEADER = ("| mode | provider | median ms | p20–p80 ms | vs nn_linear | vs unfu
 RULE = "|" + "---|" * 12
 
 
+MULTI_HEADER = ("| mode | provider | median ms | p20–p80 ms | vs nn_linear | vs fused | vs multi | saved for bwd "
+                "| peak mem | compile s |")
+MULTI_RULE = "|" + "---|" * 10
+
+
 def case_table(rows: list[dict]) -> str:
-    lines = [HEADER, RULE]
+    many = any(r.get("adapters") for r in rows)
+    lines = [MULTI_HEADER, MULTI_RULE] if many else [HEADER, RULE]
     for r in _order(rows):
         compile_s = None if r.get("compile_ms") is None else r["compile_ms"] / 1e3
-        lines.append(
-            f"| {r['mode']} | {r['provider']} | {fmt_ms(r['median_ms'])} | "
-            f"{fmt_ms(r['p20_ms'])}–{fmt_ms(r['p80_ms'])} | {fmt_ratio(r.get('vs_nn_linear'))} | "
-            f"{fmt_ratio(r.get('vs_unfused'))} | {fmt_num(r['tflops'], 3)} | {fmt_num(r['gbps'], 1)} | "
-            f"{fmt_frac(r['roofline_frac'])} | {fmt_bytes(r['saved_bytes'])} | "
-            f"{fmt_bytes(r['peak_mem_bytes'])} | {fmt_num(compile_s, 1)} |"
-        )
+        head = f"| {r['mode']} | {r['provider']} | {fmt_ms(r['median_ms'])} | {fmt_ms(r['p20_ms'])}–{fmt_ms(r['p80_ms'])} | "
+        tail = f"{fmt_bytes(r['saved_bytes'])} | {fmt_bytes(r['peak_mem_bytes'])} | {fmt_num(compile_s, 1)} |"
+        if many:
+            lines.append(head + f"{fmt_ratio(r.get('vs_nn_linear'))} | {fmt_ratio(r.get('vs_fused'))} | "
+                         f"{fmt_ratio(r.get('vs_multi'))} | " + tail)
+        else:
+            lines.append(head + f"{fmt_ratio(r.get('vs_nn_linear'))} | {fmt_ratio(r.get('vs_unfused'))} | "
+                         f"{fmt_num(r['tflops'], 3)} | {fmt_num(r['gbps'], 1)} | {fmt_frac(r['roofline_frac'])} | "
+                         + tail)
     return "\n".join(lines)
 
 
@@ -117,6 +135,8 @@ def headline(rows: list[dict], mode: str = "full") -> list[str]:
     speedup over unfused, in one mode."""
     by = {r["provider"]: r for r in rows if r["mode"] == mode}
     out = []
+    if any(r.get("adapters") for r in rows):
+        return multi_headline(rows)
     for name in FUSED:
         r = by.get(name)
         if r is None:
@@ -127,6 +147,29 @@ def headline(rows: list[dict], mode: str = "full") -> list[str]:
             f"unfused / fused = **{fmt_ratio(r['vs_unfused'])}**"
         )
     return out
+
+
+def multi_headline(rows: list[dict]) -> list[str]:
+    """Issue 11's numbers for a many-adapter case: each multi backend over nn_linear and over the
+    fastest single-adapter backend, and how much slower the loop and PEFT's mixed batch are."""
+    out = []
+    for mode in MODES:
+        by = {r["provider"]: r for r in rows if r["mode"] == mode}
+        for name in MULTI:
+            r = by.get(name)
+            if r is None:
+                continue
+            others = "; ".join(f"{o} / {name} = **{fmt_ratio(paired(by[o], r))}**"
+                               for o in ("multi_loop", "peft_lora_mixed") if o in by)
+            out.append(f"- **{name}** ({MODE_TITLES[mode]}): {fmt_ms(r['median_ms'])} ms; "
+                       f"{name} / nn_linear = **{fmt_ratio(r['vs_nn_linear'])}**; {name} / fused "
+                       f"({r.get('fused_name')}) = **{fmt_ratio(r.get('vs_fused'))}**" + (f"; {others}" if others else ""))
+    return out
+
+
+def paired(a: dict, b: dict) -> float | None:
+    """time(a) / time(b), the median of per-round ratios."""
+    return paired_ratio(_timing(a), _timing(b))
 
 
 def _load_line(rows: list[dict]) -> str:
@@ -169,6 +212,8 @@ def markdown(env: dict, records: list[dict], skipped: dict, errors: list[dict]) 
         "",
         f"Timing: {env['timing']}",
         "",
+        "Many-adapter cases (preset multi) show **vs fused** = time / time(fastest single-adapter backend, the "
+        "whole batch through one R) and **vs multi** = time / time(multi) instead of vs unfused and the roofline. "
         "Columns: median and 20/80 % quantiles of the time per call; **vs nn_linear** = time / "
         "time(nn_linear) (overhead over the bare frozen layer, lower is better, 1.00× is the floor); "
         "**vs unfused** = time(unfused) / time (speedup over the plain LoRA-XS chain, higher is better); "
@@ -207,7 +252,8 @@ def plots(out_dir: Path, records: list[dict], mode: str = "full") -> list[Path]:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    rows = [r for r in records if r["mode"] == mode]
+    # Many-adapter cases have their own yardsticks (vs fused, vs multi) and too few M to plot.
+    rows = [r for r in records if r["mode"] == mode and not r.get("adapters")]
     groups = defaultdict(list)
     for r in rows:
         groups[(r["dtype"], r["in_features"], r["out_features"])].append(r)

@@ -24,7 +24,7 @@ from .measure import peak_mem_bytes, saved_bytes, step_for
 from .providers import PROVIDERS, make_inputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CASE = cases_for("smoke", DEVICE)[0]
+CASE, MULTI_CASE = cases_for("smoke", DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,17 @@ def built(inputs):
     return get
 
 
+@pytest.fixture(scope="module")
+def multi_inputs():
+    return make_inputs(MULTI_CASE, DEVICE)
+
+
+SINGLE = [n for n, p in PROVIDERS.items() if not p.many]
+MANY = [n for n, p in PROVIDERS.items() if p.many]
+
+
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("provider", SINGLE)
 def test_bench(benchmark, built, inputs, provider, mode):
     b = built(provider)
     step = step_for(b, inputs, mode)
@@ -62,7 +71,7 @@ def test_bench(benchmark, built, inputs, provider, mode):
         benchmark.pedantic(step.run, args=(None,), rounds=20, warmup_rounds=2)
 
 
-@pytest.mark.parametrize("provider", [n for n, p in PROVIDERS.items() if p.same_output])
+@pytest.mark.parametrize("provider", [n for n in SINGLE if PROVIDERS[n].same_output])
 def test_same_output(built, inputs, provider):
     """Every provider that claims the LoRA-XS math computes it: a fast wrong kernel is no result."""
     i = inputs
@@ -72,6 +81,30 @@ def test_same_output(built, inputs, provider):
                                       i.R.double(), i.B.double(), i.scaling)
     tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[i.x.dtype]
     assert (y.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("provider", MANY)
+def test_many_adapter_providers(multi_inputs, provider):
+    """Each many-adapter provider runs its modes on the smoke case; those that claim the math equal
+    the reference row by row (per-row R), and a single-adapter case is refused with a reason."""
+    p = PROVIDERS[provider]
+    if p.unavailable_reason(DEVICE) is not None:
+        pytest.skip(f"{provider} unavailable: {p.unavailable_reason(DEVICE)}")
+    i = multi_inputs
+    b = p.build(i)
+    for mode in ("forward",) if p.forward_only else MODES:
+        step = step_for(b, i, mode)
+        step.run(step.setup() if step.setup else None)
+    if p.same_output:
+        with torch.no_grad():
+            y = b.forward()
+            ref = reference.loraxs_linear_multi(i.x.double(), i.weight.double(), i.bias.double(), i.A.double(),
+                                                i.R_bank.double(), i.B.double(), i.ids, i.scaling)
+        tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[i.x.dtype]
+        assert (y.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+    assert MULTI_CASE.active == len(i.ids.unique()) and i.R_bank.shape[0] == MULTI_CASE.adapters
+    with pytest.raises(ValueError, match="not a many-adapter case"):
+        p.build(make_inputs(CASE, DEVICE))
 
 
 def test_saved_bytes(built, inputs):
@@ -122,7 +155,11 @@ def test_presets():
     gpu_quick = cases_for("quick", gpu)
     assert {c.dtype for c in gpu_quick} == {"bf16"} and len(gpu_quick) == 4 * 2 * 3
     assert {c.dtype for c in cases_for("full", gpu)} == {"bf16", "fp16"}
-    assert len(cases_for("smoke", cpu)) == 1
+    assert [bool(c.adapters) for c in cases_for("smoke", cpu)] == [False, True]
+    multi = cases_for("multi", cpu)
+    assert multi[0].key and (multi[0].M, multi[0].adapters, multi[0].active) == (4096, 1000, 1000)
+    assert [(c.M, c.adapters, c.active, c.dtype) for c in cases_for("multi", gpu)[1:]] == [
+        (64, 10_000, 64, "bf16"), (16, 10_000, 16, "bf16")]
 
 
 def test_cli_smoke(tmp_path):
@@ -136,7 +173,8 @@ def test_cli_smoke(tmp_path):
     data = json.loads((out / "results.json").read_text())
     ran = {r["provider"] for r in data["records"]}
     assert ran | set(data["skipped"]) == set(names) and not data["errors"]
-    assert len(data["records"]) == 3 * len(ran)
+    # The smoke preset's many-adapter case runs the single-adapter providers too (the yardstick).
+    assert len(data["records"]) == 2 * 3 * len(ran)
     if DEVICE.type == "cpu":
         assert "interpreter" in data["skipped"]["triton"] and "cuda" in data["skipped"]
     for key in ("provider", "mode", "M", "in_features", "out_features", "rank", "dtype", "device", "median_ms",

@@ -73,6 +73,31 @@ Bwd call_python_bwd(const at::Tensor& grad_out, const at::Tensor& xa, const at::
   return op.call(grad_out, xa, weight, A, R, B, scaling, need_x, need_R, backend_name(b));
 }
 
+Fwd call_python_multi_fwd(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, const at::Tensor& ids,
+                          double scaling, const std::optional<at::Tensor>& adapter_scaling, Backend b) {
+  static const auto op =
+      py_op("loraxs::py_multi_fwd")
+          .typed<Fwd(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                     const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                     const std::optional<at::Tensor>&, c10::string_view)>();
+  const at::DispatchKey key = x2.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU;
+  TORCH_CHECK(op.hasKernelForDispatchKey(key), "backend '", backend_name(b), "' is not registered for ", x2.device(),
+              " tensors: import loraxs_kernels (which registers the Python backends) before calling the op");
+  return op.call(x2, weight, bias, A, R, B, ids, scaling, adapter_scaling, backend_name(b));
+}
+
+Bwd call_python_multi_bwd(const at::Tensor& g2, const at::Tensor& xa, const at::Tensor& weight, const at::Tensor& A,
+                          const at::Tensor& R, const at::Tensor& B, const at::Tensor& ids, double scaling,
+                          const std::optional<at::Tensor>& adapter_scaling, bool need_x, bool need_R, Backend b) {
+  static const auto op =
+      py_op("loraxs::py_multi_bwd")
+          .typed<Bwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                     const at::Tensor&, const at::Tensor&, double, const std::optional<at::Tensor>&, bool, bool,
+                     c10::string_view)>();
+  return op.call(g2, xa, weight, A, R, B, ids, scaling, adapter_scaling, need_x, need_R, backend_name(b));
+}
+
 // ------------------------------------------------------------------------------ "auto" on CUDA
 // The measured table: for each GPU name, dtype, M bucket and rank bucket, the faster backend in
 // forward + backward. Python reads auto_table.json (written only by tools/tune_auto from a benchmark

@@ -100,6 +100,23 @@ void check_multi_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x
 void check_multi_frozen(const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& A,
                         const at::Tensor& B, const std::optional<at::Tensor>& adapter_scaling);
 
+// The grouped ATen schedule (cpu/multi_aten.cpp), for any device: the CPU kernel, and cuBLAS on CUDA
+// where a call names "torch" or "auto" picks it. x / grad_out (..., ·), ids x.shape[:-1]; checked already.
+Fwd aten_multi_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, const at::Tensor& adapter_ids,
+                       double scaling, const std::optional<at::Tensor>& adapter_scaling);
+Bwd aten_multi_backward(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
+                        const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, const at::Tensor& adapter_ids,
+                        double scaling, const std::optional<at::Tensor>& adapter_scaling, bool need_x, bool need_R);
+// The Python "triton" backend for many adapters (backends/triton/multi.py) through loraxs::py_multi_fwd /
+// py_multi_bwd: x2 / g2 flattened to (M, ·), ids to (M,).
+Fwd call_python_multi_fwd(const at::Tensor& x2, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, const at::Tensor& ids,
+                          double scaling, const std::optional<at::Tensor>& adapter_scaling, Backend b);
+Bwd call_python_multi_bwd(const at::Tensor& g2, const at::Tensor& xa, const at::Tensor& weight, const at::Tensor& A,
+                          const at::Tensor& R, const at::Tensor& B, const at::Tensor& ids, double scaling,
+                          const std::optional<at::Tensor>& adapter_scaling, bool need_x, bool need_R, Backend b);
+
 // Shapes shared by every kernel: x (..., in) seen as (M, in), and outputs with x's leading dims.
 at::DimVector with_last(at::IntArrayRef lead_and_last, int64_t last);
 // A fresh (M, n) result given x's leading dims without making it a view (FSDP2 and in-place ops

@@ -24,7 +24,7 @@ const auto& fwd_op() {
           .findSchemaOrThrow("loraxs::linear_multi_fwd", "")
           .typed<Fwd(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                      const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                     const std::optional<at::Tensor>&)>();
+                     const std::optional<at::Tensor>&, c10::string_view)>();
   return op;
 }
 
@@ -33,7 +33,8 @@ const auto& bwd_op() {
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("loraxs::linear_multi_bwd", "")
           .typed<Bwd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                     const at::Tensor&, const at::Tensor&, double, const std::optional<at::Tensor>&, bool, bool)>();
+                     const at::Tensor&, const at::Tensor&, double, const std::optional<at::Tensor>&, bool, bool,
+                     c10::string_view)>();
   return op;
 }
 
@@ -44,21 +45,22 @@ class MultiFunction : public torch::autograd::Function<MultiFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& R,
                                const at::Tensor& B, const at::Tensor& adapter_ids, double scaling,
-                               const std::optional<at::Tensor>& adapter_scaling) {
+                               const std::optional<at::Tensor>& adapter_scaling, c10::string_view backend) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, xa] = fwd_op().call(x, weight, bias, A, R, B, adapter_ids, scaling, adapter_scaling);
+    auto [y, xa] = fwd_op().call(x, weight, bias, A, R, B, adapter_ids, scaling, adapter_scaling, backend);
     ctx->mark_non_differentiable({xa});
     ctx->set_materialize_grads(false);  // no (M×r) zero gradient for xa (see autograd.cpp)
     ctx->save_for_backward({R.requires_grad() ? xa : at::Tensor(), weight, A, R, B, adapter_ids,
                             adapter_scaling.has_value() ? *adapter_scaling : at::Tensor()});
     ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["backend"] = std::string(backend);
     // R's position among the tensor inputs: bias is an input edge only when it is given.
     ctx->saved_data["r_edge"] = static_cast<int64_t>(bias.has_value() ? 4 : 3);
     return {y, xa};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(9);
+    if (!grads[0].defined()) return variable_list(10);
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &weight = saved[1], &A = saved[2], &R = saved[3], &B = saved[4], &ids = saved[5];
     const bool need_x = ctx->needs_input_grad(0);
@@ -66,26 +68,27 @@ class MultiFunction : public torch::autograd::Function<MultiFunction> {
     const at::Tensor xa = saved[0].defined() ? saved[0] : grads[0].new_empty({0, A.size(1)});
     auto [grad_x, grad_R] =
         bwd_op().call(grads[0], xa, weight, A, R, B, ids, ctx->saved_data["scaling"].toDouble(), opt(saved[6]),
-                      need_x, need_R);
-    // One entry per forward argument: x, weight, bias, A, R, B, adapter_ids, scaling, adapter_scaling.
-    return {need_x ? grad_x : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            need_R ? grad_R : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+                      need_x, need_R, ctx->saved_data["backend"].toStringRef());
+    // One entry per forward argument: x, weight, bias, A, R, B, adapter_ids, scaling, adapter_scaling, backend.
+    return {need_x ? grad_x : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), need_R ? grad_R : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 Fwd linear_multi_fwd_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const at::Tensor& A, const at::Tensor& R, const at::Tensor& B,
                               const at::Tensor& adapter_ids, double scaling,
-                              const std::optional<at::Tensor>& adapter_scaling) {
+                              const std::optional<at::Tensor>& adapter_scaling, c10::string_view backend) {
   if (at::GradMode::is_enabled()) {
     check_multi_frozen(weight, bias, A, B, adapter_scaling);
     if (x.requires_grad() || R.requires_grad()) {
-      variable_list out = MultiFunction::apply(x, weight, bias, A, R, B, adapter_ids, scaling, adapter_scaling);
+      variable_list out =
+          MultiFunction::apply(x, weight, bias, A, R, B, adapter_ids, scaling, adapter_scaling, backend);
       return {out[0], out[1]};
     }
   }
   at::AutoDispatchBelowADInplaceOrView below;
-  return fwd_op().call(x, weight, bias, A, R, B, adapter_ids, scaling, adapter_scaling);
+  return fwd_op().call(x, weight, bias, A, R, B, adapter_ids, scaling, adapter_scaling, backend);
 }
 
 class NoDoubleBackward : public torch::autograd::Function<NoDoubleBackward> {
@@ -93,9 +96,11 @@ class NoDoubleBackward : public torch::autograd::Function<NoDoubleBackward> {
   static variable_list forward(AutogradContext*, const at::Tensor& grad_out, const at::Tensor& xa,
                                const at::Tensor& weight, const at::Tensor& A, const at::Tensor& R,
                                const at::Tensor& B, const at::Tensor& adapter_ids, double scaling,
-                               const std::optional<at::Tensor>& adapter_scaling, bool need_x, bool need_R) {
+                               const std::optional<at::Tensor>& adapter_scaling, bool need_x, bool need_R,
+                               c10::string_view backend) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [gx, gR] = bwd_op().call(grad_out, xa, weight, A, R, B, adapter_ids, scaling, adapter_scaling, need_x, need_R);
+    auto [gx, gR] =
+        bwd_op().call(grad_out, xa, weight, A, R, B, adapter_ids, scaling, adapter_scaling, need_x, need_R, backend);
     return {gx, gR};
   }
 
@@ -110,14 +115,15 @@ class NoDoubleBackward : public torch::autograd::Function<NoDoubleBackward> {
 Bwd linear_multi_bwd_autograd(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
                               const at::Tensor& A, const at::Tensor& R, const at::Tensor& B,
                               const at::Tensor& adapter_ids, double scaling,
-                              const std::optional<at::Tensor>& adapter_scaling, bool need_x, bool need_R) {
+                              const std::optional<at::Tensor>& adapter_scaling, bool need_x, bool need_R,
+                              c10::string_view backend) {
   if (at::GradMode::is_enabled() && (grad_out.requires_grad() || R.requires_grad())) {
     variable_list out = NoDoubleBackward::apply(grad_out, xa, weight, A, R, B, adapter_ids, scaling, adapter_scaling,
-                                                need_x, need_R);
+                                                need_x, need_R, backend);
     return {out[0], out[1]};
   }
   at::AutoDispatchBelowADInplaceOrView below;
-  return bwd_op().call(grad_out, xa, weight, A, R, B, adapter_ids, scaling, adapter_scaling, need_x, need_R);
+  return bwd_op().call(grad_out, xa, weight, A, R, B, adapter_ids, scaling, adapter_scaling, need_x, need_R, backend);
 }
 
 }  // namespace

@@ -5,8 +5,11 @@ and record which check fired. Not part of CI (about a minute per mutation on 2 c
     .venv/bin/python scripts/cuda_emu_mutations.py [--only SUBSTRING] [--out build/cuda-emu/mutations.md]
 
 Mutations: every `__syncthreads();` and every `cp_async_wait<N>();` in csrc/cuda/kernels/*.cuh
-(found by scanning, so new ones are included automatically), and the bound checks listed in BOUNDS
-(each condition replaced by `true`, or the guarded statement made unconditional).
+(found by scanning, so new ones are included automatically), the bound checks listed in BOUNDS
+(each condition replaced by `true`, or the guarded statement made unconditional), and the planted
+semantic faults in FAULTS (the many-adapter kernels: a row reading its neighbour's R, the transpose
+flag ignored, a segment's last row dropped from grad_R, ...). tests/test_cuda_emu.py runs for the
+files in TESTS, tests/test_cuda_emu_multi.py for those in MULTI_TESTS.
 Checks, as tests/test_cuda_emu.py reports them: memcheck (ASan, alignment, the PTX twins' checks),
 racecheck (TSan), sync (barrier / warp-op misuse, cp.async never retired), stale data (NaN from
 never-written shared memory or workspace) and wrong result (outside the rounding bound).
@@ -35,6 +38,14 @@ TESTS = {
     "decode.cuh": "test_decode_every_split_count or test_racecheck and decode or test_layer_decode and (-M1_ or -M9_ or -M16_)",
     "grad_r.cuh": "test_grad_r_splits or test_racecheck_grad_r or test_racecheck and tiled and float32",
 }
+# The many-adapter kernels (issue 11): pytest -k over tests/test_cuda_emu_multi.py ids. A mutation in a
+# file listed in both runs both selections.
+MULTI_TESTS = {
+    "multi.cuh": "test_multi_tiled or test_multi_racecheck or test_multi_no_adapter or test_multi_grad_r",
+    "adapters.cuh": "test_multi_tiled and (i32 or n300) or test_multi_decode",
+    "decode.cuh": "test_multi_decode or test_multi_racecheck and decode",
+}
+TEST_FILES = [("tests/test_cuda_emu.py", TESTS), ("tests/test_cuda_emu_multi.py", MULTI_TESTS)]
 
 # (file, text, replacement, occurrence): bound checks removed.
 BOUNDS = [
@@ -57,6 +68,34 @@ BOUNDS = [
     ("grad_r.cuh", "if (e >= rr) return;", "", 0),                                          # reduce tail
     # Not a bound check: the epilogue's griddepcontrol.wait (PDL), to show the worst-order launch.
     ("decode.cuh", "pdl_wait_primary();", "", 0),
+    # Many adapters (multi.cuh, the decoding epilogue's per-row R).
+    ("multi.cuh", "const bool row_ok = row < a.M;", "const bool row_ok = true;", 0),        # rows past M
+    ("multi.cuh", "if (j < r) out[j] =", "out[j] =", 0),                                    # columns past r
+    ("multi.cuh", "const bool row_ok = p < p_end;", "const bool row_ok = true;", 0),        # rows past a segment
+    ("multi.cuh", "if (i < a.r && j < a.r)", "if (true)", 0),                              # grad_R tile edge
+]
+
+# Planted semantic faults: (file, text, replacement, occurrence, what it models).
+FAULTS = [
+    ("multi.cuh", "const RT* Rk = static_cast<const RT*>(a.R) + id * a.s_rn;",
+     "const RT* Rk = static_cast<const RT*>(a.R) + (row == 3 && id + 1 < a.n ? id + 1 : id) * a.s_rn;", 0,
+     "the neighbouring adapter's R for row 3 (tiled t / v)"),
+    ("multi.cuh", "const bool transposed = a.transpose_R;", "const bool transposed = false;", 0,
+     "the transpose flag ignored (v = s·u R instead of s·u Rᵀ in the backward)"),
+    ("multi.cuh", "p_end = a.seg[k + 1];", "p_end = a.seg[k + 1] - 1;", 0,
+     "grad_R drops the last row of every adapter's segment"),
+    ("multi.cuh", "adapter_scaling_of(a.scaling, a.adapter_scale, id)", "a.scaling", 0,
+     "the per-adapter scaling ignored in t / v"),
+    ("multi.cuh", "adapter_scaling_of(a.scaling, a.adapter_scale, k)", "a.scaling", 0,
+     "the per-adapter scaling ignored in grad_R"),
+    ("multi.cuh", "if (id < 0) {", "if (false) {", 0, "rows with id -1 not zeroed in t / v"),
+    ("adapters.cuh", "return type == IndexType::kInt64 ?", "return true ?", 0, "int32 ids read as int64"),
+    ("decode.cuh", "const RT* R = static_cast<const RT*>(a.R) + id * a.s_rn;",
+     "const RT* R = static_cast<const RT*>(a.R) + (m == 0 ? id ^ 1 : id) * a.s_rn;", 0,
+     "decoding epilogue: another adapter's R for row 0"),
+    ("decode.cuh", "if (s_id[m] >= 0) {", "if (true) {", 0, "decoding epilogue: rows with id -1 get a low-rank term"),
+    ("decode.cuh", "adapter_scaling_of(a.scaling, a.adapter_scale, id)", "a.scaling", 0,
+     "decoding epilogue: the per-adapter scaling ignored"),
 ]
 
 CLASSES = [("memcheck", "cuda-emu memcheck"), ("racecheck", "cuda-emu racecheck"), ("sync", "cuda-emu sync"),
@@ -80,6 +119,13 @@ def mutations(only: str | None):
         line = text.count("\n", 0, starts[i]) + 1
         what = "delete" if old.startswith("pdl_wait") else "remove bound check"
         out.append((f, old, new, i, f"{what} `{old}` at {f}:{line}"))
+    for f, old, new, i, label in FAULTS:
+        text = (CUDA / "kernels" / f).read_text()
+        starts = [m.start() for m in re.finditer(re.escape(old), text)]
+        if len(starts) <= i:
+            raise SystemExit(f"mutation target not found (kernel changed?): {f}: {old!r}")
+        line = text.count("\n", 0, starts[i]) + 1
+        out.append((f, old, new, i, f"fault: {label} at {f}:{line}"))
     return [m for m in out if not only or only in m[4]]
 
 
@@ -126,19 +172,26 @@ def main() -> int:
             shutil.copytree(CUDA, scratch / "cuda", ignore=shutil.ignore_patterns("*.cpp"))
             if f:
                 apply(scratch / "cuda", f, old, new, i)
-            sel = TESTS[f] if f else " or ".join(f"({v})" for v in TESTS.values())
             t0 = time.time()
-            r = subprocess.run(
-                [PY, "-m", "pytest", "tests/test_cuda_emu.py", "-q", "-rf", "-p", "no:cacheprovider", "-k", sel],
-                cwd=ROOT, env=dict(env, LORAXS_CUDA_EMU_KERNELS=str(scratch / "cuda" / "kernels")),
-                capture_output=True, text=True, timeout=1800,
-            )
-            fired, failed, passed = classify(r.stdout + r.stderr)
-            if r.returncode not in (0, 1):
-                fired = {"pytest error": 1}
-                print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
-            if "other" in fired:
-                print(next(x for x in r.stdout.splitlines() if x.startswith("FAILED"))[:600], file=sys.stderr)
+            fired, failed, passed = {}, 0, 0
+            for test_file, table in TEST_FILES:
+                if f and f not in table:
+                    continue
+                sel = table[f] if f else " or ".join(f"({v})" for v in table.values())
+                r = subprocess.run(
+                    [PY, "-m", "pytest", test_file, "-q", "-rf", "-p", "no:cacheprovider", "-k", sel],
+                    cwd=ROOT, env=dict(env, LORAXS_CUDA_EMU_KERNELS=str(scratch / "cuda" / "kernels")),
+                    capture_output=True, text=True, timeout=1800,
+                )
+                fired_1, failed_1, passed_1 = classify(r.stdout + r.stderr)
+                if r.returncode not in (0, 1):
+                    fired_1 = {"pytest error": 1}
+                    print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
+                if "other" in fired_1:
+                    print(next(x for x in r.stdout.splitlines() if x.startswith("FAILED"))[:600], file=sys.stderr)
+                for k, v in fired_1.items():
+                    fired[k] = fired.get(k, 0) + v
+                failed, passed = failed + failed_1, passed + passed_1
             verdict = ", ".join(f"{k} ({v})" for k, v in fired.items()) or "NOT DETECTED"
             rows.append((desc, verdict, failed, passed, time.time() - t0))
             print(f"{desc}: {verdict}; {failed} failed, {passed} passed, {time.time() - t0:.0f} s", flush=True)

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # make gpu-check: one prepared run on a GPU machine whose image already has torch, triton, pytest,
-# pytest-benchmark and nvcc, with no network. It installs nothing. Budget: under 8 minutes on an H200
-# (the step limits below add up to 490 s).
+# pytest-benchmark and nvcc, with no network. It installs nothing. Budget: under 9 minutes on an H200
+# (the step limits below add up to 540 s).
 #   1. build the C++/CUDA extension in place for this GPU's architecture
 #   2. the GPU tests (pytest -m gpu), slow ones included but the >2^31-element case: Triton and CUDA
 #      backends against the reference, every autotune entry, the autotuner on the goal shapes, the
 #      mutation tests; in 8 processes side by side (scripts/pytest_shards.sh)
 #   3. compute-sanitizer memcheck on a small forward+backward of each GPU backend
 #   4. the overhead preset (µs per call, eager and CUDA-graph replay), the quick benchmark preset,
-#      then print its results.md
+#      the many-adapter preset (issue 11's decode and prefill goals), then print their results.md
 # Each step has its own time limit; the script carries on after a failed step and exits non-zero
 # at the end if any step failed, so one run shows everything. Copies results to $OUT when set.
 set -uo pipefail
@@ -47,10 +47,16 @@ fi
 step overhead 40 "$PY" -m benchmarks --preset overhead --out benchmarks/results/gpu-overhead
 step bench-quick 125 "$PY" -m benchmarks --preset quick --no-plots --out benchmarks/results/gpu-check \
   --providers nn_linear,unfused,peft_lora,torch,triton,cuda
+# Many adapters (issue 11): decode 64 rows over 64 of 10,000 adapters vs nn_linear, prefill 8192 rows
+# over 1,000 vs the single-adapter op. The per-adapter loop (1,000 launches a call) is left out.
+step bench-multi 50 "$PY" -m benchmarks --preset multi --no-plots --out benchmarks/results/gpu-multi \
+  --providers nn_linear,triton,cuda,multi,multi_triton,multi_cuda,peft_lora_mixed
 # The measured Triton-vs-CUDA choice per shape for "auto" (commit the table it writes).
 step tune-auto 10 "$PY" -m loraxs_kernels.tools.tune_auto benchmarks/results/gpu-check/results.json
 [ -n "${OUT:-}" ] && cp loraxs_kernels/backends/auto_table.json "$OUT/" 2>/dev/null
 cat benchmarks/results/gpu-check/results.md 2>/dev/null || true
+cat benchmarks/results/gpu-multi/results.md 2>/dev/null || true
+if [ -n "${OUT:-}" ] && [ -d benchmarks/results/gpu-multi ]; then cp -r benchmarks/results/gpu-multi "$OUT/"; fi
 if [ -n "${OUT:-}" ] && [ -d benchmarks/results/gpu-check ]; then cp -r benchmarks/results/gpu-check "$OUT/"; fi
 if [ -n "${OUT:-}" ] && [ -d benchmarks/results/gpu-overhead ]; then cp -r benchmarks/results/gpu-overhead "$OUT/"; fi
 

@@ -269,3 +269,127 @@ def test_sanitizer_small(small_m_path, dtype):
     covering every kernel: decode or tiled forward, the three backward GEMMs, grad_R."""
     check(*inputs((3,), 40, 24, 4, dtype), dtype, f"sanitizer {small_m_path} M=3")
     check(*inputs((19,), 40, 24, 4, dtype), dtype, "sanitizer M=19")
+
+
+# ------------------------------------------------------------- many adapters in one batch (issue 11)
+# torch.ops.loraxs.linear_multi on backend "cuda" (csrc/cuda/multi_cuda.cpp): the tiled path (any M, all
+# dtypes) and the decoding path (M <= 16, half types) with per-row R, the backward's transposed per-row
+# R and the segmented grad_R, against reference.loraxs_linear_multi in fp64 (tests/multi_bounds.py).
+from loraxs_kernels import loraxs_linear_multi  # noqa: E402
+from multi_bounds import multi_bounds, multi_reference  # noqa: E402
+from common import depths  # noqa: E402
+
+
+def multi_inputs(M, i, o, r, n, dtype, *, r_dtype=None, ids_dtype=torch.int64, pool=None, minus=5, scale=False,
+                 seed=0):
+    """inputs() for the layer, a bank R (n, r, r) ~ N(0, 1/r), ids from `pool` with every `minus`-th row -1,
+    and optionally an (n,) per-adapter scaling with mixed signs."""
+    x, w, b, A, _, B = inputs((M,), i, o, r, dtype, requires_grad=False)
+    g = torch.Generator().manual_seed(seed + 1)
+    R = (torch.randn(n, r, r, generator=g) * r**-0.5).to(device="cuda", dtype=r_dtype or dtype).requires_grad_()
+    pool = torch.arange(n) if pool is None else torch.tensor(pool)
+    ids = pool[torch.randint(len(pool), (M,), generator=g)]
+    if minus:
+        ids[::minus] = -1
+    sa = None
+    if scale:
+        sa = torch.rand(n, generator=g, dtype=torch.float64) * 1.75 + 0.25
+        sa[::3] *= -1
+        sa = sa.to(device="cuda", dtype=torch.float32)
+    return x.requires_grad_(), w, b, A, R, B, ids.to(device="cuda", dtype=ids_dtype), sa
+
+
+def check_multi(x, w, b, A, R, B, ids, sa, dtype, what, backend="cuda"):
+    """Forward + backward through loraxs_linear_multi vs the fp64 reference, per element."""
+    x.grad = None
+    R.grad = None
+    scaling = SCALING if sa is None else sa * SCALING
+    y = loraxs_linear_multi(x, w, b, A, R, B, ids, scaling, backend=backend)
+    assert y.dtype == x.dtype and y.device.type == "cuda", what
+    gy = grad_like(y)
+    y.backward(gy)
+    assert R.grad.dtype == R.dtype and R.grad.shape == R.shape, what
+    s_tensor = None if sa is None else sa.double() * SCALING
+    y_ref, gx_ref, gR_ref = multi_reference(x, w, b, A, R, B, ids, 1.0 if sa is not None else SCALING, s_tensor, gy)
+    by, bx, bR = multi_bounds(x, w, b, A, R, B, ids, 1.0 if sa is not None else SCALING, s_tensor, gy)
+    dy, dx, dR = depths(w.shape[1], w.shape[0], A.shape[1], x.shape[0])
+    assert_within_bound(y.cpu(), y_ref, by, dtype, f"{what} y", dy)
+    assert_within_bound(x.grad.cpu(), gx_ref, bx, dtype, f"{what} grad_x", dx)
+    assert_within_bound(R.grad.cpu(), gR_ref, bR, dtype, f"{what} grad_R", dR)
+    used = torch.zeros(R.shape[0], dtype=torch.bool)
+    used[ids.cpu().long()[ids.cpu() >= 0]] = True
+    assert torch.equal(R.grad[~used.cuda()], torch.zeros_like(R.grad[~used.cuda()])), f"{what}: unused adapters"
+    return y.detach(), x.grad.clone(), R.grad.clone()
+
+
+MULTI_CASES = [
+    # (M, in, out, r, n, options)
+    (1, 256, 192, 16, 300, dict(scale=True, minus=0)),
+    (16, 72, 136, 20, 5, dict(pool=[0, 2, 3], ids_dtype=torch.int32)),
+    (37, 64, 80, 1, 1, dict(minus=2)),
+    (300, 1024, 768, 64, 300, dict(scale=True)),
+    (1100, 512, 1024, 32, 3, dict(minus=7)),
+    (65, 31, 45, 7, 10, dict(ids_dtype=torch.int32)),
+    (40, 320, 288, 256, 4, dict()),
+]
+
+
+@pytest.mark.parametrize("dtype", ALL + [torch.float64], ids=str)
+@pytest.mark.parametrize("case", MULTI_CASES, ids=lambda c: f"M{c[0]}_{c[1]}x{c[2]}_r{c[3]}_n{c[4]}")
+def test_multi(small_m_path, dtype, case):
+    M, i, o, r, n, kw = case
+    check_multi(*multi_inputs(M, i, o, r, n, dtype, **kw), dtype, f"multi {small_m_path} {case[:5]}")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("M", [4, 200])
+def test_multi_fp32_master_bank(small_m_path, dtype, M):
+    args = multi_inputs(M, 128, 96, 16, 7, dtype, r_dtype=torch.float32, scale=True)
+    assert args[4].dtype == torch.float32
+    check_multi(*args, dtype, f"multi fp32 bank M={M}")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_multi_10000_adapters(small_m_path, dtype):
+    """The serving regime: a bank of 10,000 adapters, 64 rows over 64 distinct ones (tiled) and 16 rows
+    (decoding)."""
+    for M in (16, 64):
+        x, w, b, A, R, B, _, _ = multi_inputs(M, 1024, 1024, 16, 10_000, dtype, minus=0)
+        ids = torch.randperm(10_000, generator=torch.Generator().manual_seed(M))[:M].cuda()
+        check_multi(x, w, b, A, R, B, ids, None, dtype, f"10k adapters M={M}")
+
+
+@pytest.mark.parametrize("dtype", ALL + [torch.float64], ids=str)
+def test_multi_grad_R_is_deterministic(dtype):
+    """grad_R sums each adapter's rows in batch order (one CTA per adapter and tile): bitwise equal run to run."""
+    x, w, b, A, R, B, ids, _ = multi_inputs(5000, 128, 96, 32, 12, dtype)
+    g = None
+    runs = []
+    for _ in range(3):
+        R.grad = None
+        y = loraxs_linear_multi(x, w, b, A, R, B, ids, SCALING, backend="cuda")
+        g = grad_like(y) if g is None else g
+        y.backward(g)
+        runs.append(R.grad.clone())
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_multi_other_cuda_backends(backend):
+    """"torch" (the grouped ATen schedule through cuBLAS) and "auto" through the same CUDA dispatch kernel."""
+    check_multi(*multi_inputs(50, 96, 64, 8, 6, torch.float32, scale=True), torch.float32, backend, backend=backend)
+
+
+def test_multi_out_of_range_id_raises_before_any_kernel():
+    x, w, b, A, R, B, ids, _ = multi_inputs(9, 64, 48, 8, 4, torch.bfloat16)
+    ids[5] = 4
+    with pytest.raises(ValueError, match=r"adapter_ids must be in \[-1, 4\).*got 4 at index \(5\)"):
+        loraxs_linear_multi(x, w, b, A, R, B, ids, SCALING, backend="cuda")
+    torch.cuda.synchronize()  # nothing ran that could have faulted
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_multi_sanitizer_small(small_m_path, dtype):
+    """Small enough for compute-sanitizer: decode or tiled forward with per-row R, both backward kernels."""
+    check_multi(*multi_inputs(3, 40, 24, 4, 3, dtype, scale=True, minus=2), dtype, f"sanitizer multi {small_m_path}")
+    check_multi(*multi_inputs(19, 40, 24, 4, 3, dtype), dtype, "sanitizer multi M=19")

@@ -88,6 +88,7 @@ CASES = [
     ((300,), 40, 30, 12, 40),     # more adapters than rows per adapter
     ((1,), 48, 40, 4, 2),         # one row
     ((0,), 32, 16, 4, 3),         # empty batch
+    ((600,), 48, 40, 32, 3),      # few adapters with many rows each: the grouped schedule (the others run per row)
 ]
 
 
@@ -159,23 +160,45 @@ def test_minus_one_rows_are_the_base_layer_bit_for_bit():
     assert torch.equal(all_base, base)
 
 
-def test_grad_R_is_reproducible_and_per_adapter():
+def _aten_ops(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+# (M, r, n) picking each CPU schedule by csrc/cpu/multi_aten.cpp's rule used·6000 > active·r²
+SCHEDULES = {"per-row": (400, 8, 9), "grouped": (600, 32, 3)}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_cpu_schedule_choice(schedule):
+    """The cases above that claim a schedule run it: per row gathers R[id] into a batched product,
+    grouped sorts the rows and runs a GEMM per adapter (forward and backward)."""
+    M, r, n = SCHEDULES[schedule]
+    x, w, b, A, R, B, ids = make_multi((M,), 48, 40, r, n, torch.float32)
+    ops = _aten_ops(lambda: loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids).sum().backward())
+    assert ("aten::bmm" in ops) == (schedule == "per-row") and ("aten::sort" in ops) == (schedule == "grouped"), ops
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_grad_R_is_reproducible_and_per_adapter(schedule):
     """Two runs give the same bits; adapter k's gradient depends on its own rows only: the batch with
     other adapters' rows removed gives the same grad_R[k] up to rounding."""
-    x, w, b, A, R, B, ids = make_multi((400,), 64, 64, 8, 9, torch.float32, seed=4)
-    g = torch.randn(400, 64, generator=torch.Generator().manual_seed(3))
+    M, r, n = SCHEDULES[schedule]
+    x, w, b, A, R, B, ids = make_multi((M,), 64, 64, r, n, torch.float32, seed=4)
+    g = torch.randn(M, 64, generator=torch.Generator().manual_seed(3))
     runs = []
     for _ in range(2):
         R.grad = None
         loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, 1.0).backward(g)
         runs.append(R.grad.clone())
     assert torch.equal(runs[0], runs[1])
-    for k in (0, 3):
+    for k in (0, n - 2):
         rows = ids == k
         R.grad = None
         loraxs_kernels.loraxs_linear_multi(x.detach()[rows], w, b, A, R, B, ids[rows], 1.0).backward(g[rows])
         assert_close(R.grad[k], runs[0][k], torch.float32, f"grad_R[{k}] from its rows alone")
-        others = [j for j in range(9) if j != k]
+        others = [j for j in range(n) if j != k]
         assert torch.equal(R.grad[others], torch.zeros_like(R.grad[others]))
 
 
@@ -286,7 +309,7 @@ def test_bad_input_reads_the_same_under_fake_tensors(name):
     s = a.pop("scaling")
     st = (1.0, s) if isinstance(s, torch.Tensor) else (s, None)
     with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(exc, match=match):
-        torch.ops.loraxs.linear_multi_fwd(*a.values(), *st)
+        torch.ops.loraxs.linear_multi_fwd(*a.values(), *st, "auto")
 
 
 def test_frozen_tensors_and_backends():
@@ -295,8 +318,15 @@ def test_frozen_tensors_and_backends():
         loraxs_kernels.loraxs_linear_multi(x, w, b, A.clone().requires_grad_(), R, B, ids)
     with pytest.raises(RuntimeError, match=r"adapter_scaling \(3\) requires grad"):
         loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, torch.ones(3, requires_grad=True))
-    with pytest.raises(loraxs_kernels.BackendUnavailable, match="no many-adapter kernel"):
-        loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, backend="triton")
+    # The CUDA kernels need CUDA tensors ("triton" on CPU tensors: tests/test_triton_multi_interpret.py).
+    with pytest.raises(loraxs_kernels.BackendUnavailable, match="needs CUDA tensors"):
+        loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, backend="cuda")
+    # The op itself refuses them too (a direct call skips the Python check).
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        torch.ops.loraxs.linear_multi(x, w, b, A, R, B, ids, backend="cuda")
+    # "cpp" and "torch" are the grouped schedule on the CPU: the same bits.
+    torch.testing.assert_close(loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, backend="torch"),
+                               loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, backend="cpp"), rtol=0, atol=0)
     with pytest.raises(ValueError, match="unknown backend"):
         loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, backend="nope")
 
@@ -441,19 +471,3 @@ def test_bank_slots_read_write_reset():
         loraxs_kernels.write_adapter_slot(model, 1, {"0": torch.zeros(4, 4), "2": torch.zeros(3, 3)})
     assert torch.equal(model[0].lora_R[1], before["b"]["0"])  # the failed write touched nothing
 
-
-# --------------------------------------------------------------------------------------- benchmark
-def test_benchmark_providers_agree_and_run(capsys):
-    """benchmarks/multi.py's providers compute the same layer (so its ratios compare like with like),
-    and its smoke run and memory table work."""
-    pytest.importorskip("peft")
-    from benchmarks import multi as bench
-
-    x, w, b, A, R, B, ids = bench.build(96, 32, 4, 10)
-    y = loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids)
-    assert_close(bench.loop(x, w, b, A, R, B, ids), y, torch.float32, "loop provider")
-    assert_close(y, reference.loraxs_linear_multi(x, w, b, A, R, B, ids), torch.float32, "multi provider")
-    assert bench.main(["--smoke"]) == 0 and "peft_lora_mixed" in capsys.readouterr().out
-    assert bench.main(["--memory"]) == 0
-    row = next(r for r in bench.memory_table() if r["r"] == 16 and r["dtype"] == "bf16")
-    assert row["bank_MiB"] == 10_000 * 16 * 16 * 2 / 2**20

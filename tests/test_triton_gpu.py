@@ -228,3 +228,104 @@ def test_more_than_2_31_elements():
         rows = slice(start, start + (1 << 22))
         gR_ref += xa[rows].double().t() @ (g[rows].double() @ B.double().t())
     assert_close(gR, 0.5 * gR_ref, torch.bfloat16, "grad_R")  # global: the per-element bound needs all of g
+
+
+# ------------------------------------------------------------------ many adapters (backends/triton/multi.py)
+def multi_inputs(M, in_f, out_f, r, n, dtype, ids=None, seed=0, r_dtype=None, ascale=True):
+    """A layer, a bank of n R ~ N(0, 1/r), ids in [-1, n - 2] unless given, per-adapter scalings, g; on the
+    device, random A and B of the SVD factors' scale (no 4096² SVD)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    kw = dict(device=DEV, dtype=torch.float32, generator=g)
+    w = (torch.rand(out_f, in_f, **kw) * 2 - 1) / math.sqrt(in_f)
+    b = torch.rand(out_f, **kw) * 2 - 1
+    A = torch.randn(in_f, r, **kw) / math.sqrt(in_f)
+    B = torch.randn(r, out_f, **kw) / math.sqrt(r)
+    R = (torch.randn(n, r, r, **kw) / math.sqrt(r)).to(r_dtype or dtype)
+    x = torch.randn(M, in_f, **kw)
+    grad = torch.randn(M, out_f, **kw)
+    asc = (torch.rand(n, **kw) * 2 + 0.5).to(dtype) if ascale else None
+    if ids is None:
+        ids = torch.randint(-1, n - 1, (M,), device=DEV, generator=g)
+    x, w, b, A, B, grad = (t.to(dtype) for t in (x, w, b, A, B, grad))
+    return x, w, b, A, R, B, ids, asc, grad
+
+
+def check_multi_on_device(inputs, scaling, dtype, what, tol_dtype=None):
+    from test_multi import reference_and_bounds
+
+    from common import assert_within_bound, depths
+    from loraxs_kernels.backends.triton import multi
+
+    x, w, b, A, R, B, ids, asc, g = inputs
+    y, xa = multi.forward_multi(x, w, b, A, R, B, ids, scaling, asc)
+    gx, gR = multi.backward_multi(g, xa, w, A, R, B, ids, scaling, asc, True, True)
+    s = scaling if asc is None else scaling * asc.double()
+    (y_ref, gx_ref, gR_ref), (sy, sx, sR) = reference_and_bounds(x, w, b, A, R, B, ids, s, g)
+    dy, dx, dR = depths(w.shape[1], w.shape[0], A.shape[1], x.shape[0])
+    tol = tol_dtype or dtype
+    assert y.dtype == dtype and gx.dtype == dtype and gR.dtype == R.dtype
+    assert_within_bound(y, y_ref, sy, tol, f"{what} y", dy)
+    assert_within_bound(gx, gx_ref, sx, tol, f"{what} grad_x", dx)
+    assert_within_bound(gR, gR_ref, sR, tol, f"{what} grad_R", dR)
+    return y, gx, gR
+
+
+def _decode_ids(M=64, distinct=64, n=10_000):
+    """The issue's decode goal: M rows over `distinct` adapters of n resident."""
+    g = torch.Generator(device=DEV).manual_seed(5)
+    chosen = torch.randperm(n, device=DEV, generator=g)[:distinct]
+    return chosen[torch.arange(M, device=DEV) % distinct]
+
+
+# (M, in, out, r, n)
+MULTI_SHAPES = [
+    (300, 256, 264, 16, 40),
+    (37, 72, 88, 20, 5),       # odd sizes, r not a power of two
+    (1, 48, 40, 4, 2),
+    (9, 128, 112, 100, 3),     # RP = 128
+    (200, 512, 384, 256, 8),   # r = 256
+    (64, 4096, 4096, 16, 10_000),  # decode: 64 rows over 64 adapters of 10,000
+    (2048, 1024, 1024, 64, 1000),  # prefill-like: more rows per program, 64-row tiles on sm_90
+]
+MULTI_CASES = [
+    pytest.param(dtype, shape, marks=() if dtype == torch.bfloat16 or i in (0, 5) else pytest.mark.slow,
+                 id=f"{dtype}-{shape}")
+    for dtype in DTYPES for i, shape in enumerate(MULTI_SHAPES)
+]
+
+
+@pytest.mark.parametrize("dtype,shape", MULTI_CASES)
+def test_multi_matches_reference(dtype, shape):
+    M, in_f, out_f, r, n = shape
+    ids = _decode_ids() if n == 10_000 else None
+    check_multi_on_device(multi_inputs(M, in_f, out_f, r, n, dtype, ids=ids), 0.7, dtype, f"multi {shape}")
+
+
+def test_multi_fp64_and_fp32_master_R():
+    check_multi_on_device(multi_inputs(45, 64, 48, 7, 4, torch.float64), 1 / 3, torch.float64, "fp64")
+    _, _, gR = check_multi_on_device(multi_inputs(300, 256, 192, 16, 9, torch.bfloat16, r_dtype=torch.float32),
+                                     0.5, torch.bfloat16, "fp32 master R")
+    assert gR.dtype == torch.float32
+
+
+def test_multi_grad_R_is_bitwise_deterministic():
+    from loraxs_kernels.backends.triton import multi
+
+    x, w, b, A, R, B, ids, asc, g = multi_inputs(8192, 512, 512, 16, 1000, torch.bfloat16, r_dtype=torch.float32)
+    _, xa = multi.forward_multi(x, w, b, A, R, B, ids, 0.5, asc)
+    grads = [multi.backward_multi(g, xa, w, A, R, B, ids, 0.5, asc, False, True)[1] for _ in range(3)]
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+    everything = torch.zeros_like(ids)  # one adapter owns every row: the longest segment
+    grads = [multi.backward_multi(g, xa, w, A, R, B, everything, 0.5, asc, False, True)[1] for _ in range(2)]
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_multi_rows_equal_single_adapter():
+    from loraxs_kernels.backends.triton import multi
+
+    x, w, b, A, R, B, ids, asc, _ = multi_inputs(256, 384, 320, 16, 6, torch.bfloat16)
+    y, _ = multi.forward_multi(x, w, b, A, R, B, ids, 0.8, asc)
+    for k in range(5):
+        rows = ids == k
+        alone, _ = tb.forward(x[rows], w, b, A, R[k], B, 0.8 * float(asc[k]))
+        assert_close(y[rows], alone, torch.bfloat16, f"rows of adapter {k}", scale=y)

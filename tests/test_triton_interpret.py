@@ -10,33 +10,17 @@ version if the interpreter's internals moved. Every autotune table entry runs at
 
 import os
 
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # before triton or loraxs_kernels import triton
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from common import SHAPES, assert_matches_reference, make_inputs  # noqa: E402
-from loraxs_kernels import backends, loraxs_linear  # noqa: E402
-
-tb = pytest.importorskip("loraxs_kernels.backends.triton")
-from loraxs_kernels.backends.triton import configs  # noqa: E402
-from loraxs_kernels.backends.triton import gemm_rank_r as gemm_mod  # noqa: E402
-from loraxs_kernels.backends.triton import grad_r as grad_r_mod  # noqa: E402
-from loraxs_kernels.backends.triton import low_rank_projection as proj_mod  # noqa: E402
-
-# triton.jit chose the interpreter for the backend's kernels when they were imported just above; give
-# the session its own setting back, so that Triton code compiled later in the same run (Inductor's
-# kernels in other tests on a GPU machine) is not interpreted.
-if _PREVIOUS_INTERPRET is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
-
-if not tb.INTERPRETED:  # the backend was imported before this file set TRITON_INTERPRET (e.g. a GPU run)
-    pytest.skip("the Triton backend was imported without the interpreter", allow_module_level=True)
+from common import SHAPES, assert_matches_reference, make_inputs
+from triton_interpreted import tb  # first: the backend's kernels under the interpreter
+from loraxs_kernels import backends, loraxs_linear
+from loraxs_kernels.backends.triton import configs
+from loraxs_kernels.backends.triton import gemm_rank_r as gemm_mod
+from loraxs_kernels.backends.triton import grad_r as grad_r_mod
+from loraxs_kernels.backends.triton import low_rank_projection as proj_mod
 
 pytestmark = pytest.mark.usefixtures("interpreter_bf16")
 

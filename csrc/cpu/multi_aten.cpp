@@ -1,17 +1,24 @@
-// The many-adapter layer (multi.cpp) in ATen calls, grouped by adapter: the CPU kernel, and for now
-// the CUDA one too (every call below is device-agnostic ATen; fused Triton/CUDA kernels that gather
-// R per row are issue 11's next step).
+// The many-adapter layer (multi.cpp) in ATen calls: the CPU kernel, and on CUDA the "torch" backend
+// and what "auto" runs where it picks cuBLAS (cuda/multi_cuda.cpp). Every call below is
+// device-agnostic ATen.
 //
-// Forward: x Wᵀ + b and x A once for all M rows (the two large GEMMs, as for one adapter), then the
-// rows grouped by adapter with one stable sort of the ids per call, and one small GEMM per adapter
-// that has rows: T[rows of k] = s_k·(x A)[rows of k] R[k]. T goes back to row order (rows with id -1
-// keep a zero row) and y += T B is one more GEMM. The only temporaries are (M×r).
-// Backward: u = g Bᵀ once; grad_x = g W + V Aᵀ with V[rows of k] = s_k·u[rows of k] R[k]ᵀ; and
-// grad_R[k] = s_k·(x A)[rows of k]ᵀ u[rows of k], one GEMM per adapter over its rows in their original
-// order (the sort is stable): a segmented reduction with no atomics, the same bits on every run;
-// fp32 sums for 16-bit inputs. Adapters no row used get zeros.
+// Forward: x Wᵀ + b and x A once for all M rows (the two large GEMMs, as for one adapter), then
+// T_i = s_i·(x A)_i R[id_i] (rows with id -1 keep a zero row) and y += T B, one more GEMM. T comes
+// from one of two schedules, picked per call from the rows' counts per adapter (one bincount):
+//   grouped: the rows sorted by adapter (one stable sort), one small GEMM per adapter that has rows;
+//   per row: R[id_i] gathered for a chunk of rows and one batched (1×r)(r×r) product per chunk.
+// A GEMM call costs ~3 µs of fixed overhead whatever its size, the per-row gather ~0.5 ns per
+// element of R[id_i]; measured on this CI machine's CPU (2-core Xeon, fp32, r = 16 and 64, 4096 rows
+// over 1 to 4096 adapters), per row won below ~64 rows per adapter at r = 16 and ~8 at r = 64, which
+// `used·6000 > active·r²` reproduces. The only temporaries are (M×r) and a ≤ 4 MiB gathered chunk.
+// Backward: u = g Bᵀ once; grad_x = g W + V Aᵀ with V_i = s_i·u_i R[id_i]ᵀ (same two schedules), and
+// grad_R[k] = Σ_{i: id_i = k} s_i·(x A)_iᵀ u_i: grouped, one GEMM per adapter over its rows in their
+// original order (the sort is stable); per row, the rows' outer products index_add-ed into grad_R in
+// row order. Both are fixed-order sums with no atomics (the same bits on every run), in fp32 for
+// 16-bit inputs; adapters no row used get zeros.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../loraxs.h"
@@ -21,31 +28,47 @@ namespace {
 
 at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
 
-// The rows with an adapter, sorted by it: adapter k's rows are perm[start[k] : start[k + 1]].
-struct Groups {
-  at::Tensor perm;              // (active,) int64 row indices
-  std::vector<int64_t> start;   // n + 1 offsets into perm
-  int64_t active = 0;           // rows with id >= 0
+// How a call's rows spread over the bank, and which schedule that asks for.
+struct Plan {
+  at::Tensor ids;              // (M,) int64
+  std::vector<int64_t> count;  // rows per adapter, n entries
+  int64_t active = 0;          // rows with id >= 0
+  bool per_row = false;
 };
 
-Groups group_rows(const at::Tensor& adapter_ids, int64_t n) {
-  const at::Tensor ids = as_dtype(adapter_ids.reshape({-1}), at::kLong);
-  const int64_t M = ids.size(0);
-  // Stable, so each adapter's rows keep their order and its grad_R sums them in a fixed order.
-  const at::Tensor perm = std::get<1>(at::sort(ids, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-  // counts[0]: rows with id -1, which sort first. One (n + 1)-long copy to the host per call.
-  const at::Tensor counts = at::bincount(ids + 1, {}, n + 1).to(at::kCPU);
+Plan plan_rows(const at::Tensor& adapter_ids, int64_t n, int64_t r) {
+  Plan p;
+  p.ids = as_dtype(adapter_ids.reshape({-1}), at::kLong);
+  const int64_t M = p.ids.size(0);
+  // counts[0]: rows with id -1. One (n + 1)-long copy to the host per call.
+  const at::Tensor counts = at::bincount(p.ids + 1, {}, n + 1).to(at::kCPU);
   const int64_t* c = counts.data_ptr<int64_t>();
+  p.count.assign(c + 1, c + n + 1);
+  p.active = M - c[0];
+  const int64_t used = std::count_if(p.count.begin(), p.count.end(), [](int64_t v) { return v > 0; });
+  p.per_row = used * 6000 > p.active * r * r;  // the cost model in the header
+  return p;
+}
+
+// The grouped schedule's order: adapter k's rows are perm[start[k] : start[k + 1]].
+struct Groups {
+  at::Tensor perm;             // (active,) int64 row indices
+  std::vector<int64_t> start;  // n + 1 offsets into perm
+};
+
+Groups group_rows(const Plan& p) {
+  const int64_t n = static_cast<int64_t>(p.count.size()), M = p.ids.size(0);
+  // Stable, so each adapter's rows keep their order and its grad_R sums them in a fixed order.
+  const at::Tensor perm = std::get<1>(at::sort(p.ids, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   Groups g;
   g.start.resize(n + 1);
   g.start[0] = 0;
-  for (int64_t k = 0; k < n; ++k) g.start[k + 1] = g.start[k] + c[k + 1];
-  g.active = M - c[0];
-  g.perm = c[0] == 0 ? perm : perm.narrow(0, c[0], g.active);
+  for (int64_t k = 0; k < n; ++k) g.start[k + 1] = g.start[k] + p.count[k];
+  g.perm = p.active == M ? perm : perm.narrow(0, M - p.active, p.active);  // -1 rows sort first
   return g;
 }
 
-// s·adapter_scaling[k] for every k, on the host (the GEMMs take it as alpha).
+// s·adapter_scaling[k] for every k, on the host (the grouped GEMMs take it as alpha).
 std::vector<double> scalings(double scaling, const std::optional<at::Tensor>& adapter_scaling, int64_t n) {
   std::vector<double> s(n, scaling);
   if (adapter_scaling.has_value()) {
@@ -56,7 +79,7 @@ std::vector<double> scalings(double scaling, const std::optional<at::Tensor>& ad
   return s;
 }
 
-// out[rows of k] = s_k·in[rows of k] R[k] (or R[k]ᵀ), in sorted order; in and out are (active, r).
+// grouped: out[rows of k] = s_k·in[rows of k] R[k] (or R[k]ᵀ), in sorted order; in and out are (active, r).
 void per_adapter(at::Tensor& out, const at::Tensor& in, const at::Tensor& Rc, const Groups& g,
                  const std::vector<double>& s, bool transpose_R) {
   const int64_t n = Rc.size(0);
@@ -70,17 +93,65 @@ void per_adapter(at::Tensor& out, const at::Tensor& in, const at::Tensor& Rc, co
   }
 }
 
-// (M×r) in row order from (active×r) in sorted order; rows with id -1 are zero.
-at::Tensor unsort(const at::Tensor& sorted, const Groups& g, int64_t M) {
-  at::Tensor full = g.active == M ? at::empty({M, sorted.size(1)}, sorted.options())
-                                  : at::zeros({M, sorted.size(1)}, sorted.options());
-  return full.index_copy_(0, g.perm, sorted);
+// Rows per chunk of the per-row schedule: the gathered R[id] stays near 4 MiB (it is read once).
+int64_t chunk_rows(const at::Tensor& R) {
+  return std::max<int64_t>(1, (int64_t{4} << 20) / (R.size(1) * R.size(2) * static_cast<int64_t>(R.element_size())));
 }
 
-Fwd multi_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, const at::Tensor& adapter_ids,
-                  double scaling, const std::optional<at::Tensor>& adapter_scaling) {
-  const int64_t in = weight.size(1), out = weight.size(0), n = R.size(0);
+// The rows' scalings s_i = s·adapter_scaling[id_i] as a (M, 1) column in dtype dt (0 on -1 rows), or
+// nullopt when every row has s.
+std::optional<at::Tensor> row_scalings(const Plan& p, double scaling, const std::optional<at::Tensor>& adapter_scaling,
+                                       at::ScalarType dt) {
+  if (!adapter_scaling.has_value()) return std::nullopt;
+  const at::Tensor k = p.ids.clamp_min(0);
+  return (adapter_scaling->to(at::kDouble).index_select(0, k) * scaling).to(dt).unsqueeze(1);
+}
+
+// per row: out_i = s_i·in_i R[id_i] (or R[id_i]ᵀ), 0 on -1 rows; in and out are (M, r) in row order.
+at::Tensor per_row(const at::Tensor& in, const at::Tensor& Rc, const Plan& p, double scaling,
+                   const std::optional<at::Tensor>& adapter_scaling, bool transpose_R) {
+  const int64_t M = in.size(0), r = in.size(1);
+  at::Tensor out = at::empty({M, r}, in.options());
+  const at::Tensor k = p.ids.clamp_min(0);
+  const int64_t step = chunk_rows(Rc);
+  for (int64_t i0 = 0; i0 < M; i0 += step) {
+    const int64_t len = std::min(step, M - i0);
+    at::Tensor Rg = Rc.index_select(0, k.narrow(0, i0, len));  // (len, r, r)
+    if (transpose_R) Rg = Rg.transpose(1, 2);
+    at::Tensor o = out.narrow(0, i0, len).unsqueeze(1);
+    at::bmm_out(o, in.narrow(0, i0, len).unsqueeze(1), Rg);
+  }
+  if (auto s = row_scalings(p, scaling, adapter_scaling, in.scalar_type())) {
+    out.mul_(*s);
+  } else {
+    out.mul_(scaling);
+  }
+  // where, not a product with 0: a -1 row's input may hold inf or NaN (its x is never adapted).
+  if (p.active < M) out.masked_fill_((p.ids < 0).unsqueeze(1), 0);
+  return out;
+}
+
+// T (M×r, row order) = s_i·in_i R[id_i] (or R[id_i]ᵀ) by the plan's schedule; undefined when no row
+// has an adapter.
+at::Tensor low_rank_rows(const at::Tensor& in, const at::Tensor& Rc, const Plan& p, double scaling,
+                         const std::optional<at::Tensor>& adapter_scaling, bool transpose_R) {
+  const int64_t M = in.size(0), n = Rc.size(0);
+  if (p.active == 0) return at::Tensor();
+  if (p.per_row) return per_row(in, Rc, p, scaling, adapter_scaling, transpose_R);
+  const Groups g = group_rows(p);
+  const at::Tensor sorted_in = in.index_select(0, g.perm);
+  at::Tensor t = at::empty_like(sorted_in);
+  per_adapter(t, sorted_in, Rc, g, scalings(scaling, adapter_scaling, n), transpose_R);
+  at::Tensor full = p.active == M ? at::empty({M, in.size(1)}, in.options()) : at::zeros({M, in.size(1)}, in.options());
+  return full.index_copy_(0, g.perm, t);
+}
+
+}  // namespace
+
+Fwd aten_multi_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, const at::Tensor& adapter_ids,
+                       double scaling, const std::optional<at::Tensor>& adapter_scaling) {
+  const int64_t in = weight.size(1), out = weight.size(0), n = R.size(0), r = A.size(1);
   const at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, in});
   const int64_t M = x2.size(0);
   at::Tensor y = at::empty(with_last(x.sizes(), out), x.options());
@@ -91,19 +162,15 @@ Fwd multi_forward(const at::Tensor& x, const at::Tensor& weight, const std::opti
     at::mm_out(y2, x2, weight.t());
   }
   at::Tensor xa = at::mm(x2, A);
-  const Groups g = group_rows(adapter_ids, n);
-  if (g.active > 0) {
-    const at::Tensor xs = xa.index_select(0, g.perm);
-    at::Tensor t = at::empty_like(xs);
-    per_adapter(t, xs, as_dtype(R, x.scalar_type()), g, scalings(scaling, adapter_scaling, n), false);
-    y2.addmm_(unsort(t, g, M), B);
-  }
+  const Plan p = plan_rows(adapter_ids, n, r);
+  const at::Tensor t = low_rank_rows(xa, as_dtype(R, x.scalar_type()), p, scaling, adapter_scaling, false);
+  if (t.defined()) y2.addmm_(t, B);
   return {y, xa};
 }
 
-Bwd multi_backward(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight, const at::Tensor& A,
-                   const at::Tensor& R, const at::Tensor& B, const at::Tensor& adapter_ids, double scaling,
-                   const std::optional<at::Tensor>& adapter_scaling, bool need_x, bool need_R) {
+Bwd aten_multi_backward(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
+                        const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, const at::Tensor& adapter_ids,
+                        double scaling, const std::optional<at::Tensor>& adapter_scaling, bool need_x, bool need_R) {
   const int64_t in = weight.size(1), out = weight.size(0), n = R.size(0), r = A.size(1);
   const at::Tensor g2 = grad_out.dim() == 2 ? grad_out : grad_out.reshape({-1, out});
   const int64_t M = g2.size(0);
@@ -111,32 +178,49 @@ Bwd multi_backward(const at::Tensor& grad_out, const at::Tensor& xa, const at::T
   at::Tensor grad_x = grad_out.new_empty({0});
   at::Tensor grad_R = R.new_empty({0});
   if (!need_x && !need_R) return {grad_x, grad_R};
-  const Groups g = group_rows(adapter_ids, n);
-  const std::vector<double> s = scalings(scaling, adapter_scaling, n);
-  at::Tensor us;  // (g Bᵀ)[perm], (active×r)
-  if (g.active > 0) us = at::mm(g2, B.t()).index_select(0, g.perm);
+  const Plan p = plan_rows(adapter_ids, n, r);
+  at::Tensor u;  // g Bᵀ, (M×r)
+  if (p.active > 0) u = at::mm(g2, B.t());
   if (need_x) {
     grad_x = at::empty(with_last(grad_out.sizes(), in), grad_out.options());
     at::Tensor gx2 = grad_out.dim() == 2 ? grad_x : grad_x.view({M, in});
     at::mm_out(gx2, g2, weight);
-    if (g.active > 0) {
-      at::Tensor v = at::empty_like(us);
-      per_adapter(v, us, as_dtype(R, dt), g, s, true);
-      gx2.addmm_(unsort(v, g, M), A.t());
-    }
+    const at::Tensor v = p.active > 0 ? low_rank_rows(u, as_dtype(R, dt), p, scaling, adapter_scaling, true)
+                                      : at::Tensor();
+    if (v.defined()) gx2.addmm_(v, A.t());
   }
   if (need_R) {
     // Sums over an adapter's rows run in fp32 (fp64 for fp64) even for half inputs, as for one adapter.
     const at::ScalarType acc = at::promote_types(dt, at::kFloat);
     at::Tensor sum = at::zeros({n, r, r}, grad_out.options().dtype(acc));
-    if (g.active > 0) {
+    if (p.active > 0 && p.per_row) {
+      // The active rows' s_i·(x A)_iᵀ u_i, added into grad_R[id_i] in row order, a chunk at a time.
+      at::Tensor rows = p.active == M ? at::Tensor() : (p.ids >= 0).nonzero().squeeze(1);
+      const auto pick = [&](const at::Tensor& t) { return rows.defined() ? t.index_select(0, rows) : t; };
+      const at::Tensor ids = pick(p.ids), xs = as_dtype(pick(xa), acc), us = as_dtype(pick(u), acc);
+      const std::optional<at::Tensor> s_all = row_scalings(p, scaling, adapter_scaling, acc);
+      const at::Tensor s = s_all.has_value() ? pick(*s_all) : at::Tensor();
+      const int64_t step = chunk_rows(sum);
+      for (int64_t i0 = 0; i0 < p.active; i0 += step) {
+        const int64_t len = std::min(step, p.active - i0);
+        at::Tensor outer = at::bmm(xs.narrow(0, i0, len).unsqueeze(2), us.narrow(0, i0, len).unsqueeze(1));
+        if (s.defined()) {
+          outer.mul_(s.narrow(0, i0, len).unsqueeze(2));
+        } else {
+          outer.mul_(scaling);
+        }
+        sum.index_add_(0, ids.narrow(0, i0, len), outer);
+      }
+    } else if (p.active > 0) {
+      const Groups g = group_rows(p);
+      const std::vector<double> s = scalings(scaling, adapter_scaling, n);
       const at::Tensor xs = as_dtype(xa.index_select(0, g.perm), acc);
-      const at::Tensor ua = as_dtype(us, acc);
+      const at::Tensor us = as_dtype(u.index_select(0, g.perm), acc);
       for (int64_t k = 0; k < n; ++k) {
         const int64_t rows = g.start[k + 1] - g.start[k];
         if (rows == 0) continue;
         at::Tensor o = sum.select(0, k);
-        at::addmm_out(o, o, xs.narrow(0, g.start[k], rows).t(), ua.narrow(0, g.start[k], rows), /*beta=*/0,
+        at::addmm_out(o, o, xs.narrow(0, g.start[k], rows).t(), us.narrow(0, g.start[k], rows), /*beta=*/0,
                       /*alpha=*/s[k]);
       }
     }
@@ -145,35 +229,59 @@ Bwd multi_backward(const at::Tensor& grad_out, const at::Tensor& xa, const at::T
   return {grad_x, grad_R};
 }
 
-Fwd linear_multi_fwd_kernel(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            const at::Tensor& A, const at::Tensor& R, const at::Tensor& B,
-                            const at::Tensor& adapter_ids, double scaling,
-                            const std::optional<at::Tensor>& adapter_scaling) {
+namespace {
+
+Fwd linear_multi_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, const at::Tensor& adapter_ids,
+                         double scaling, const std::optional<at::Tensor>& adapter_scaling, c10::string_view backend) {
+  const Backend b = parse_backend(backend);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // inputs are cast already
   check_multi_inputs(x, weight, bias, A, R, B, adapter_ids, adapter_scaling);
-  return multi_forward(x, weight, bias, A, R, B, adapter_ids, scaling, adapter_scaling);
+  switch (b) {
+    case Backend::kAuto:
+    case Backend::kCpp:
+    case Backend::kTorch:
+      return aten_multi_forward(x, weight, bias, A, R, B, adapter_ids, scaling, adapter_scaling);
+    case Backend::kTriton: {  // the Triton interpreter (TRITON_INTERPRET=1)
+      auto [y2, xa] = call_python_multi_fwd(x.reshape({-1, weight.size(1)}), weight, bias, A, R, B,
+                                            adapter_ids.reshape({-1}), scaling, adapter_scaling, b);
+      return {unflatten_fresh(y2, x.sizes(), weight.size(0)), xa};
+    }
+    case Backend::kCuda:
+      break;
+  }
+  TORCH_CHECK(false, "backend 'cuda' is the C++ extension's CUDA kernel and needs CUDA tensors; tensors are on ",
+              x.device());
 }
 
-Bwd linear_multi_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
-                            const at::Tensor& A, const at::Tensor& R, const at::Tensor& B,
-                            const at::Tensor& adapter_ids, double scaling,
-                            const std::optional<at::Tensor>& adapter_scaling, bool need_x, bool need_R) {
+Bwd linear_multi_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
+                         const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, const at::Tensor& adapter_ids,
+                         double scaling, const std::optional<at::Tensor>& adapter_scaling, bool need_x, bool need_R,
+                         c10::string_view backend) {
+  const Backend b = parse_backend(backend);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_multi_backward_inputs(grad_out, xa, weight, A, R, B, adapter_ids, adapter_scaling, need_R);
-  return multi_backward(grad_out, xa, weight, A, R, B, adapter_ids, scaling, adapter_scaling, need_x, need_R);
+  switch (b) {
+    case Backend::kAuto:
+    case Backend::kCpp:
+    case Backend::kTorch:
+      return aten_multi_backward(grad_out, xa, weight, A, R, B, adapter_ids, scaling, adapter_scaling, need_x, need_R);
+    case Backend::kTriton: {
+      auto [gx2, gR] = call_python_multi_bwd(grad_out.reshape({-1, weight.size(0)}), xa, weight, A, R, B,
+                                             adapter_ids.reshape({-1}), scaling, adapter_scaling, need_x, need_R, b);
+      return {need_x ? unflatten_fresh(gx2, grad_out.sizes(), weight.size(1)) : gx2, gR};
+    }
+    case Backend::kCuda:
+      break;
+  }
+  TORCH_CHECK(false, "backend 'cuda' is the C++ extension's CUDA kernel and needs CUDA tensors; tensors are on ",
+              grad_out.device());
 }
 
 }  // namespace
 }  // namespace loraxs
 
 TORCH_LIBRARY_IMPL(loraxs, CPU, m) {
-  m.impl("linear_multi_fwd", &loraxs::linear_multi_fwd_kernel);
-  m.impl("linear_multi_bwd", &loraxs::linear_multi_bwd_kernel);
-}
-
-// Not run on a GPU yet (no GPU was lent to the session that wrote it): the same ATen calls, where
-// the ids check and the group offsets cost two small device-to-host copies per call.
-TORCH_LIBRARY_IMPL(loraxs, CUDA, m) {
-  m.impl("linear_multi_fwd", &loraxs::linear_multi_fwd_kernel);
-  m.impl("linear_multi_bwd", &loraxs::linear_multi_bwd_kernel);
+  m.impl("linear_multi_fwd", &loraxs::linear_multi_fwd_cpu);
+  m.impl("linear_multi_bwd", &loraxs::linear_multi_bwd_cpu);
 }

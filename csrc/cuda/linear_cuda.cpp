@@ -20,122 +20,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
-#include <mutex>
-#include <unordered_map>
-
-#include "../loraxs.h"
-#include "kernels/launch.h"
+#include "binding.h"
 
 namespace loraxs {
 namespace {
 
-namespace lc = loraxs::cuda;
-
-struct DeviceInfo {
-  int num_sms = 0;
-  int cc_major = 0;
-  std::string name;
-};
-
-// SM count, compute capability and name, queried once per device.
-DeviceInfo device_info(int device) {
-  static std::mutex mu;
-  static std::unordered_map<int, DeviceInfo> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(device);
-  if (it != cache.end()) return it->second;
-  DeviceInfo info;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor, device));
-  cudaDeviceProp prop;
-  C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
-  info.name = prop.name;
-  cache.emplace(device, info);
-  return info;
-}
-
-// Switches for A/B runs and tests, read on every call (a getenv is nothing next to a launch):
-// LORAXS_CUDA_DECODE=0 sends M <= 16 to the tiled GEMMs; LORAXS_CUDA_PDL=0 turns off programmatic
-// dependent launch on sm_90.
-bool env_on(const char* name) {
-  const char* v = std::getenv(name);
-  return v == nullptr || !(std::strcmp(v, "0") == 0 || std::strcmp(v, "false") == 0 || std::strcmp(v, "off") == 0);
-}
-
-lc::DType dtype_of(at::ScalarType s) {
-  switch (s) {
-    case at::kHalf:
-      return lc::DType::kHalf;
-    case at::kBFloat16:
-      return lc::DType::kBFloat16;
-    case at::kFloat:
-      return lc::DType::kFloat;
-    case at::kDouble:
-      return lc::DType::kDouble;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, "loraxs CUDA kernels support float16, bfloat16, float32 and float64, got ", s);
-}
-
-bool is_half(at::ScalarType s) { return s == at::kHalf || s == at::kBFloat16; }
-
-// A 2-D tensor as a GEMM operand: rows along dim 0, k along dim 1 ...
-lc::Operand as_is(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1)}; }
-// ... or transposed (rows along dim 1), by swapping strides: no copy.
-lc::Operand transposed(const at::Tensor& t) { return {t.data_ptr(), t.stride(1), t.stride(0)}; }
-
-// The half-precision GEMMs copy x (forward) and grad_out (backward) tiles with 16-byte async copies.
-// An operand they cannot read that way (k not the unit-stride dimension, or row starts not 16-byte
-// aligned) still works, through element-wise copies that every column of CTAs repeats; one
-// contiguous copy up front reads it once instead of ceil(N/64) times, so take it. (Reasoned, not
-// measured: no GPU was available when this was written.) An expanded grad_out with row stride 0 is
-// already readable and is not copied.
-at::Tensor vector_readable(const at::Tensor& t) {
-  if (!is_half(t.scalar_type()) || t.numel() == 0) return t;
-  const bool ok = t.stride(1) == 1 && t.stride(0) % 8 == 0 && (reinterpret_cast<uintptr_t>(t.data_ptr()) & 15u) == 0;
-  if (ok) return t;
-  // A fresh copy helps when it can take the 16-byte copies (k a multiple of 8) or at least makes k
-  // the unit-stride dimension of the element-wise ones. clone, not contiguous(): a contiguous view at
-  // an odd offset would come back unchanged.
-  if (t.size(1) % 8 == 0 || t.stride(1) != 1) return t.clone(at::MemoryFormat::Contiguous);
-  return t;
-}
-
-void check_cuda_inputs(const char* op, const at::Tensor& ref, int64_t r) {
-  TORCH_CHECK(ref.is_cuda(), op, ": expected CUDA tensors, got ", ref.device());
-  TORCH_CHECK(r >= 1 && r <= lc::kMaxRank, op, ": the CUDA kernels take rank 1..", lc::kMaxRank, ", got ", r);
-}
-
-DeviceInfo checked_device(const at::Tensor& ref) {
-  const DeviceInfo info = device_info(ref.get_device());
-  // mma.sync bf16, ldmatrix and cp.async need sm_80; the library carries sm_80 and sm_90 code.
-  TORCH_CHECK(info.cc_major >= 8, "loraxs CUDA kernels need compute capability 8.0 or newer (the device has ",
-              info.cc_major, ".x)");
-  return info;
-}
-
-void run_gemm(lc::DType dt, const lc::GemmArgs& a, lc::QOrder order, const DeviceInfo& info, cudaStream_t stream) {
-  C10_CUDA_CHECK(lc::gemm(dt, a, order, info.num_sms, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// C (M×N, contiguous, fresh) = alpha·(P1 Q1ᵀ + P2 Q2ᵀ) + bias.
-lc::GemmArgs gemm_args(const at::Tensor& C, int64_t K1, lc::Operand P1, lc::Operand Q1, double alpha = 1.0) {
-  lc::GemmArgs a;
-  a.M = C.size(0);
-  a.N = C.size(1);
-  a.K1 = K1;
-  a.P1 = P1;
-  a.Q1 = Q1;
-  a.C = C.data_ptr();
-  a.s_cm = C.stride(0);
-  a.s_cn = C.stride(1);
-  a.alpha = alpha;
-  return a;
-}
+using namespace cuda_binding;  // binding.h: device facts, operands, GEMM/decoding launches, resolve
 
 // ------------------------------------------------------------------- the "cuda" backend, (M, ·) inputs
 Fwd cuda_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -157,26 +47,9 @@ Fwd cuda_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::op
   at::Tensor b;
   if (bias.has_value()) b = bias->contiguous();
 
-  lc::DecodeArgs d;
-  d.M = M, d.N = out, d.K = in, d.r = r;
-  d.x = x.data_ptr(), d.s_x = x.stride(0);
-  d.W = weight.data_ptr(), d.s_w = weight.stride(0);
-  d.A = Ac.data_ptr(), d.s_a0 = Ac.stride(0), d.s_a1 = Ac.stride(1);
+  lc::DecodeArgs d = decode_args(x, weight, b, Ac, Bc, scaling, y, xa);
   d.R = Rc.data_ptr(), d.s_r0 = Rc.stride(0), d.s_r1 = Rc.stride(1), d.r_dtype = dtype_of(Rc.scalar_type());
-  d.B = Bc.data_ptr(), d.s_b0 = Bc.stride(0), d.s_b1 = Bc.stride(1);
-  d.bias = b.defined() ? b.data_ptr() : nullptr;
-  d.scaling = scaling;
-  d.y = y.data_ptr(), d.xa = xa.data_ptr();
-  if (x.stride(1) == 1 && weight.stride(1) == 1 && lc::decode_supported(dt, d) && env_on("LORAXS_CUDA_DECODE")) {
-    const int splits = lc::decode_splits(d, info.num_sms);
-    at::Tensor ws = at::empty({lc::decode_workspace_floats(d, splits)}, x.options().dtype(at::kFloat));
-    const bool pdl = info.cc_major >= 9 && env_on("LORAXS_CUDA_PDL");  // and the binary's arch: decode.cu
-    C10_CUDA_CHECK(lc::decode_forward_partial(dt, d, splits, ws.data_ptr<float>(), stream));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    C10_CUDA_CHECK(lc::decode_forward_epilogue(dt, d, splits, ws.data_ptr<float>(), pdl, stream));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return {y, xa};
-  }
+  if (try_decode(dt, d, x, weight, info, stream)) return {y, xa};
 
   // xa = x A:  Q1 = Aᵀ (rows = the r columns of A, k = in).
   run_gemm(dt, gemm_args(xa, in, as_is(x), transposed(Ac)), lc::QOrder::kQ1NContig_Q2KContig, info, stream);
@@ -246,18 +119,6 @@ Bwd cuda_backward(const at::Tensor& grad_out, const at::Tensor& xa, const at::Te
 }
 
 // ------------------------------------------------------------------------ the CUDA dispatch key
-Backend resolve(Backend asked, const at::Tensor& ref, int64_t M, int64_t r) {
-  if (asked != Backend::kAuto) return asked;
-  const DeviceInfo info = device_info(ref.get_device());
-  CudaContext c;
-  c.device_name = info.name;
-  c.cc_major = info.cc_major;
-  c.tf32 = at::globalContext().allowTF32CuBLAS();
-  c.triton = triton_installed();
-  c.cuda_kernels = true;
-  return choose_cuda_backend(c, ref.scalar_type(), M, r);
-}
-
 Fwd linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                     const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, double scaling,
                     c10::string_view backend) {

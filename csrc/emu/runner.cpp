@@ -138,6 +138,10 @@ void run(const Call& c) {
     d.bias = c.ptr("bias");
     d.scaling = c.f("scaling");
     d.y = c.ptr("y"), d.xa = c.ptr("xa");
+    if (c.has("ids")) {  // many adapters: R is a bank
+      d.ids = c.ptr("ids"), d.ids_type = static_cast<lc::IndexType>(c.i("ids_type")), d.s_rn = c.i("s_rn");
+      d.adapter_scale = static_cast<const double*>(c.ptr("adapter_scale"));
+    }
     const lc::DType dt = c.dt("dtype");
     if (!lc::decode_supported(dt, d)) die("decode_supported() is false for these arguments");
     const int splits = lc::decode_splits(d, static_cast<int>(c.i("num_sms")));
@@ -165,6 +169,27 @@ void run(const Call& c) {
     check(lc::grad_r_reduce(dt, a, splits, ws, nullptr), "grad_r_reduce");
     loraxs_emu::synchronize();
     std::free(ws);
+  } else if (c.name == "multi_rows") {
+    lc::MultiRowsArgs a;
+    a.M = c.i("M"), a.r = c.i("r"), a.n = c.i("n");
+    a.in = c.ptr("in"), a.s_in0 = c.i("s_in0"), a.s_in1 = c.i("s_in1");
+    a.R = c.ptr("R"), a.s_rn = c.i("s_rn"), a.s_r0 = c.i("s_r0"), a.s_r1 = c.i("s_r1"), a.r_dtype = c.dt("r_dtype");
+    a.transpose_R = c.i("transpose_R") != 0;
+    a.ids = c.ptr("ids"), a.ids_type = static_cast<lc::IndexType>(c.i("ids_type"));
+    a.adapter_scale = static_cast<const double*>(c.ptr("adapter_scale"));
+    a.scaling = c.f("scaling");
+    a.out = c.ptr("out");
+    check(lc::multi_rows(c.dt("dtype"), a, nullptr), "multi_rows");
+  } else if (c.name == "multi_grad_r") {
+    lc::MultiGradRArgs a;
+    a.r = c.i("r"), a.n = c.i("n");
+    a.xa = c.ptr("xa"), a.s_xa0 = c.i("s_xa0"), a.s_xa1 = c.i("s_xa1");
+    a.u = c.ptr("u"), a.s_u0 = c.i("s_u0"), a.s_u1 = c.i("s_u1");
+    a.perm = static_cast<const int64_t*>(c.ptr("perm")), a.seg = static_cast<const int64_t*>(c.ptr("seg"));
+    a.adapter_scale = static_cast<const double*>(c.ptr("adapter_scale"));
+    a.scaling = c.f("scaling");
+    a.out = c.ptr("out"), a.out_dtype = c.dt("out_dtype");
+    check(lc::multi_grad_r(c.dt("dtype"), a, nullptr), "multi_grad_r");
   } else if (c.name == "selftest_ldmatrix") {
     const int n = static_cast<int>(c.i("n"));
     if (n < 1 || n > 1024) die("selftest_ldmatrix: n must be 1..1024");

@@ -165,20 +165,32 @@ class FusedLoRAXSLinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> nn.Linear:
         """A new nn.Linear holding W + scaling·(A R B)ᵀ; this layer is left unchanged."""
-        w = self.weight
-        work = torch.float64 if w.dtype == torch.float64 else torch.float32
-        delta = self.lora_A.to(work) @ self.lora_R.to(work) @ self.lora_B.to(work)
-        merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
-        merged.weight.copy_((w.to(work) + self.scaling * delta.t()).to(w.dtype))
-        if self.bias is not None:
-            merged.bias.copy_(self.bias)
-        return merged
+        return merged_linear(self, self.lora_R)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}, scaling={self.scaling}, backend={self.backend!r}"
         )
+
+
+@torch.no_grad()
+def merged_linear(layer: nn.Module, R: torch.Tensor | None) -> nn.Linear:
+    """A new nn.Linear holding W + layer.scaling·(A R B)ᵀ (R None: W alone), from a LoRA-XS layer's
+    weight, bias, lora_A and lora_B. Computed in fp32 (fp64 for fp64 weights) and rounded once to the
+    weight's dtype."""
+    w = layer.weight
+    merged = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=w.device,
+                       dtype=w.dtype)
+    if R is None:
+        merged.weight.copy_(w)
+    else:
+        work = torch.float64 if w.dtype == torch.float64 else torch.float32
+        delta = layer.lora_A.to(work) @ R.to(work) @ layer.lora_B.to(work)
+        merged.weight.copy_((w.to(work) + layer.scaling * delta.t()).to(w.dtype))
+    if layer.bias is not None:
+        merged.bias.copy_(layer.bias)
+    return merged
 
 
 def attach_base(layer: nn.Module, linear: nn.Module, rank: int, *, share_weight: bool, basis) -> nn.Module:

@@ -167,7 +167,7 @@ def apply_loraxs(
     before the model is touched: on an error it is left as it was.
     layer_kwargs go to FusedLoRAXSLinear (r_dtype, r_init, backend).
     num_adapters: an int makes MultiLoRAXSLinear layers instead, each with a bank of that many
-    adapters (rows pick one with use_adapters); layer_kwargs then go to it (r_dtype, r_init).
+    adapters (rows pick one with use_adapters); layer_kwargs then go to it (r_dtype, r_init, backend).
     """
     targets = _entries(target_modules, "target_modules")
     if not targets:
@@ -219,13 +219,32 @@ def _unmerge_conv1d(merged: nn.Linear) -> nn.Module:
     return out
 
 
-def merge_loraxs(model: nn.Module) -> nn.Module:
+def merge_loraxs(model: nn.Module, adapter: int | None = None) -> nn.Module:
     """Replace each FusedLoRAXSLinear by the plain layer it computes (nn.Linear, or Conv1D where the
-    base was one); return the model."""
+    base was one); return the model.
 
-    def merge(child: FusedLoRAXSLinear) -> nn.Module:
-        merged = child.merge()
+    adapter: for a model with MultiLoRAXSLinear layers, the adapter to merge (an int; -1: the base
+    layer): each bank becomes the plain layer W + s·(A R[adapter] B)ᵀ, so the merged model computes
+    what rows with that id compute. Required when the model has banks; refused when it has none."""
+    banks = _find(model, lambda path, child: isinstance(child, MultiLoRAXSLinear))
+    if banks and adapter is None:
+        raise ValueError(
+            f"the model has MultiLoRAXSLinear banks of {banks[0][2].num_adapters} adapters: merge_loraxs(model, "
+            "adapter=i) names the one to merge (-1: the base layer alone)")
+    if adapter is not None:
+        if not banks:
+            raise ValueError(f"merge_loraxs(model, adapter={adapter!r}): the model has no MultiLoRAXSLinear layers; "
+                             "leave adapter=None to merge FusedLoRAXSLinear layers")
+        if isinstance(adapter, bool) or not isinstance(adapter, int):
+            raise TypeError(f"adapter must be an int (a slot of the banks, or -1), got {adapter!r}")
+        for parent, name, bank in banks:  # all checked before any layer is swapped
+            if not -1 <= adapter < bank.num_adapters:
+                raise IndexError(f"adapter {adapter} is out of range: a bank ({name}) holds {bank.num_adapters} "
+                                 f"adapters (0 to {bank.num_adapters - 1}, or -1 for the base layer)")
+
+    def merge(child: nn.Module) -> nn.Module:
+        merged = child.merge() if isinstance(child, FusedLoRAXSLinear) else child.merge(adapter)
         return _unmerge_conv1d(merged) if getattr(child, "fan_in_fan_out", False) else merged
 
-    _swap(_find(model, lambda path, child: isinstance(child, FusedLoRAXSLinear)), merge)
+    _swap(_find(model, lambda path, child: isinstance(child, (FusedLoRAXSLinear, MultiLoRAXSLinear))), merge)
     return model

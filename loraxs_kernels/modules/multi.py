@@ -15,8 +15,9 @@ import math
 import torch
 from torch import nn
 
+from .. import backends
 from ..ops.multi import loraxs_linear_multi
-from .linear import R_INIT_STD, attach_base, base_tensors
+from .linear import R_INIT_STD, attach_base, base_tensors, merged_linear
 from .svd_init import svd_factors
 
 
@@ -27,13 +28,14 @@ class MultiLoRAXSLinear(nn.Module):
     Attributes as on FusedLoRAXSLinear (`weight`, `bias`, `lora_A`, `lora_B`, a float `scaling`), with
     `lora_R` of shape (num_adapters, rank, rank). r_dtype: the bank's dtype (fp32 beside half weights
     keeps master copies). r_init: how every slot starts, "normal" (N(0, 1e-5), as FusedLoRAXSLinear)
-    or "zeros" (every adapter starts as the base layer).
+    or "zeros" (every adapter starts as the base layer). backend: the op backend (loraxs_linear_multi).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, num_adapters: int, bias: bool = True,
                  scaling: float = 1.0, device=None, dtype=None, *, r_dtype: torch.dtype | None = None,
-                 r_init: str = "normal"):
+                 r_init: str = "normal", backend: str = "auto"):
         super().__init__()
+        backends.check_name(backend)
         if not 1 <= rank <= min(in_features, out_features):
             raise ValueError(
                 f"rank must be between 1 and min(in_features, out_features) = {min(in_features, out_features)}, "
@@ -44,6 +46,7 @@ class MultiLoRAXSLinear(nn.Module):
         self.in_features, self.out_features, self.rank, self.num_adapters = in_features, out_features, rank, num_adapters
         self.fan_in_fan_out = False
         self.scaling = float(scaling)
+        self.backend = backend
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self.register_buffer("lora_A", torch.empty(in_features, rank, **factory))
@@ -108,6 +111,11 @@ class MultiLoRAXSLinear(nn.Module):
         slot = self.lora_R[self._slot(index)]
         nn.init.normal_(slot, mean=0.0, std=R_INIT_STD) if r_init == "normal" else nn.init.zeros_(slot)
 
+    def merge(self, index: int) -> nn.Linear:
+        """A new nn.Linear holding W + scaling·(A R[index] B)ᵀ, what rows with id `index` compute
+        (-1: W alone); this layer is left unchanged."""
+        return merged_linear(self, None if index == -1 else self.lora_R[self._slot(index)])
+
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         """adapter_ids: of shape x.shape[:-1], or a prefix of it (e.g. (batch,) for x (batch, seq, in)),
         broadcast over the remaining dims; None takes the ids of the enclosing use_adapters."""
@@ -117,11 +125,12 @@ class MultiLoRAXSLinear(nn.Module):
                 "MultiLoRAXSLinear needs adapter ids: call it as layer(x, adapter_ids) or run the model inside "
                 "`with loraxs_kernels.use_adapters(model, adapter_ids):` (-1 selects the base layer)")
         return loraxs_linear_multi(x, self.weight, self.bias, self.lora_A, self.lora_R, self.lora_B,
-                                   broadcast_ids(ids, x.shape[:-1]), self.scaling)
+                                   broadcast_ids(ids, x.shape[:-1]), self.scaling, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"num_adapters={self.num_adapters}, bias={self.bias is not None}, scaling={self.scaling}")
+                f"num_adapters={self.num_adapters}, bias={self.bias is not None}, scaling={self.scaling}, "
+                f"backend={self.backend!r}")
 
 
 def broadcast_ids(ids: torch.Tensor, lead) -> torch.Tensor:

@@ -78,14 +78,16 @@ def _check_ids(ids, lead, device, R, rows, values):
 if NATIVE_REASON is None:
 
     @torch.library.register_fake("loraxs::linear_multi_fwd")
-    def _linear_multi_fwd_fake(x, weight, bias, A, R, B, adapter_ids, scaling, adapter_scaling):
+    def _linear_multi_fwd_fake(x, weight, bias, A, R, B, adapter_ids, scaling, adapter_scaling, backend):
+        backends.check_name(backend)
         check_multi_inputs(x, weight, bias, A, R, B, adapter_ids, adapter_scaling, values=False)
         y = x.new_empty((*x.shape[:-1], weight.shape[0]))
         xa = x.new_empty((math.prod(x.shape[:-1]), A.shape[1]))
         return y, xa
 
     @torch.library.register_fake("loraxs::linear_multi_bwd")
-    def _linear_multi_bwd_fake(grad_out, xa, weight, A, R, B, adapter_ids, scaling, adapter_scaling, need_x, need_R):
+    def _linear_multi_bwd_fake(grad_out, xa, weight, A, R, B, adapter_ids, scaling, adapter_scaling, need_x, need_R,
+                               backend):
         grad_x = grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1])) if need_x else grad_out.new_empty(0)
         grad_R = R.new_empty(R.shape) if need_R else R.new_empty(0)
         return grad_x, grad_R
@@ -107,22 +109,22 @@ def loraxs_linear_multi(x, weight, bias, A, R, B, adapter_ids, scaling=1.0, *, b
     and a scaling tensor are constants. Every input, the ids' values included, is checked before any
     kernel runs.
 
-    backend: "auto" (or "cpp", the same thing): the C++ extension's grouped ATen schedule (one stable
-    sort of the ids per call, one small GEMM per adapter with rows). It runs on CUDA tensors too, as
-    ATen calls (cuBLAS), until fused Triton/CUDA kernels for many adapters exist; the other backend
-    names raise BackendUnavailable.
+    backend: "auto" (on the CPU the grouped ATen schedule; on CUDA the same rule as loraxs_linear:
+    Triton for 16-bit and TF32 fp32, cuBLAS through the grouped ATen schedule for fp64 and strict fp32,
+    the CUDA C++ kernels where Triton is missing), "cpp" (the grouped schedule, CPU), "torch" (the
+    grouped schedule on any device), "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cuda".
+    The grouped schedule sorts the ids once per call and runs one small GEMM per adapter with rows;
+    the Triton and CUDA kernels gather R per row inside the kernels.
     """
     backends.check_name(backend)
-    if backend not in ("auto", "cpp"):
-        raise backends.BackendUnavailable(
-            f"backend {backend!r} has no many-adapter kernel yet; loraxs_linear_multi runs the C++ extension's "
-            "grouped ATen schedule (backend 'auto' or 'cpp')")
+    if backend != "auto":
+        backends.require(backend, x.device if isinstance(x, torch.Tensor) else None)
     if isinstance(scaling, torch.Tensor):
         adapter_scaling, scaling = scaling, 1.0
     else:
         adapter_scaling, scaling = None, float(scaling)
     if _OP is not None:
-        return _OP(x, weight, bias, A, R, B, adapter_ids, scaling, adapter_scaling)
+        return _OP(x, weight, bias, A, R, B, adapter_ids, scaling, adapter_scaling, backend)
     return _fallback(x, weight, bias, A, R, B, adapter_ids, scaling, adapter_scaling)
 
 

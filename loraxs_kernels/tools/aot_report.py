@@ -20,12 +20,20 @@ metadata.
 
 --check exits 1 on any compile error, any spill, any variant over the arch's shared memory
 (sm_80: 163 KiB, sm_90: 227 KiB), and any sm_90 fp16/bf16 variant with a tl.dot whose PTX lacks
-wgmma (sum_splits_kernel has no dot: it is a plain fp32 sum).
+wgmma (sum_splits_kernel has no dot: it is a plain fp32 sum; variants with rows tiles under 64 carry
+their reason in `wgmma_exempt`: the many-adapter per-row kernel at RP > 64 or few rows, the
+segmented grad_R at r < 64).
+
+The many-adapter kernels (backends/triton/multi.py) are compiled with the fixed configs they run
+(multi_variants): x_p_per_row_q_kernel, gemm_rank_r_kernel with T_GIVEN (shown as
+gemm_rank_r_kernel+T), grad_r_segments_kernel, with R a bank of 1,000 (prefill) or 10,000 (decode)
+adapters.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -47,23 +55,33 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from loraxs_kernels.backends import triton as tb  # noqa: E402
 from loraxs_kernels.backends.triton import configs  # noqa: E402
+from loraxs_kernels.backends.triton import multi  # noqa: E402
 from loraxs_kernels.backends.triton.gemm_rank_r import gemm_rank_r_kernel  # noqa: E402
 from loraxs_kernels.backends.triton.grad_r import sum_splits_kernel, xa_t_u_splits_kernel  # noqa: E402
+from loraxs_kernels.backends.triton.grad_r_segments import grad_r_segments_kernel  # noqa: E402
 from loraxs_kernels.backends.triton.low_rank_projection import x_p_kernel  # noqa: E402
+from loraxs_kernels.backends.triton.per_row_r import x_p_per_row_q_kernel  # noqa: E402
 
 ARCHS = {  # name: (compute capability, warp size, shared memory per block, bytes)
     "sm80": (80, 32, 163 * 1024),
     "sm90": (90, 64, 227 * 1024),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
-TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+                torch.int32: "i32", torch.int64: "i64"}
 KERNELS = {
     "gemm_rank_r_kernel": gemm_rank_r_kernel,
     "x_p_kernel": x_p_kernel,
     "xa_t_u_splits_kernel": xa_t_u_splits_kernel,
     "sum_splits_kernel": sum_splits_kernel,
+    "x_p_per_row_q_kernel": x_p_per_row_q_kernel,
+    "grad_r_segments_kernel": grad_r_segments_kernel,
 }
 GOAL_M = {"gemm": 8192, "decode": 16}
+# Many adapters (backends/triton/multi.py): the issue's decode goal is M = 64 rows over 64 adapters of
+# 10,000 resident; prefill M = 8192 over 1,000.
+MULTI_M = {"gemm": 8192, "decode": 64}
+MULTI_N = {"gemm": 1000, "decode": 10000}
 GOAL_IN = GOAL_OUT = 4096
 RANK_OF_CLASS = {"r64": 64, "r256": 256}  # the largest padded rank of each class: the most registers
 WGMMA_DTYPES = ("fp16", "bf16")
@@ -116,7 +134,67 @@ def variants(dtypes: list[str]) -> list[dict]:
                                         num_stages=configs.GRAD_R_NUM_STAGES))
             add(kernel="sum_splits_kernel", mode="final", arch=arch, dtype=dt, r=64, M=GOAL_M["gemm"],
                 precision="ieee", config=dict(num_warps=configs.SUM_SPLITS_NUM_WARPS, num_stages=1))
+            for prec in _precisions(dt):
+                out.extend(multi_variants(arch, dt, prec))
     return out
+
+
+def multi_variants(arch: str, dt: str, precision: str) -> list[dict]:
+    """The many-adapter launches (multi.py) with the fixed configs they run: the per-row kernel at every
+    rank class (forward with a per-adapter scaling; backward, with Rᵀ's strides, at r = 64; the
+    few-row tiles at the decode M), the GEMM with T_GIVEN in the first split entry of each regime,
+    both directions, and the segmented grad_R at r = 16/64/256."""
+    esize = DTYPES[dt].itemsize
+    out = []
+    base = dict(arch=arch, dtype=dt, precision=precision, multi=True)
+    for mode, r, regime in (("fwd", 16, "gemm"), ("fwd", 64, "gemm"), ("fwd", 256, "gemm"), ("bwd", 64, "gemm"),
+                            ("fwd", 64, "decode")):
+        M = MULTI_M[regime]
+        cfg = multi.per_row_config(M, tb.padded_rank(r), esize, precision, arch, interpreted=False).as_dict()
+        v = dict(base, kernel="x_p_per_row_q_kernel", mode=mode, r=r, M=M, regime=regime, config=cfg)
+        if cfg["block_m"] < 64:
+            v["wgmma_exempt"] = ("row tiles under 64 (wgmma's minimum): RP > 64 spilled with 64-row tiles, and "
+                                 "few-row launches want more programs")
+        out.append(v)
+    for regime in configs.REGIMES:
+        cfg = multi.gemm_table_config(arch, regime, esize, precision).as_dict()
+        for mode in ("fwd", "bwd"):
+            out.append(dict(base, kernel="gemm_rank_r_kernel", mode=mode, schedule="t_given", r=64, M=MULTI_M[regime],
+                            regime=regime, config=cfg))
+    for r in (16, 64, 256):
+        cfg = multi.grad_r_segments_config(tb.padded_rank(r), esize, precision)
+        v = dict(base, kernel="grad_r_segments_kernel", mode="final", r=r, M=MULTI_M["gemm"],
+                 config=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        if cfg["BLOCK_I"] < 64:
+            v["wgmma_exempt"] = f"r = {r}: {cfg['BLOCK_I']}-row tiles of an r×r result, under wgmma's 64"
+        out.append(v)
+    return out
+
+
+def multi_launch_args(v: dict):
+    """Arguments of the many-adapter kernels from multi.py's own builders, on meta tensors."""
+    dtype = DTYPES[v["dtype"]]
+    M, r = v["M"], v["r"]
+    n = MULTI_N[v.get("regime", "gemm")]
+    weight = _meta(GOAL_OUT, GOAL_IN, dtype=dtype)
+    A, B, R = _meta(GOAL_IN, r, dtype=dtype), _meta(r, GOAL_OUT, dtype=dtype), _meta(n, r, r, dtype=dtype)
+    ids, ascale = _meta(M, dtype=torch.int64), _meta(n, dtype=dtype)
+    rows = lambda: _meta(M, r, dtype=dtype)  # noqa: E731
+    if v["kernel"] == "x_p_per_row_q_kernel":
+        fwd = v["mode"] == "fwd"
+        x = _meta(M, GOAL_IN if fwd else GOAL_OUT, dtype=dtype)
+        return multi.per_row_launch_args("forward" if fwd else "backward", x, weight, A, R, B, ids,
+                                         ascale if fwd else None, 0.5, rows(), rows())
+    if v["kernel"] == "gemm_rank_r_kernel":
+        if v["mode"] == "fwd":
+            return multi.multi_gemm_launch_args("forward", _meta(M, GOAL_IN, dtype=dtype), weight,
+                                                _meta(GOAL_OUT, dtype=dtype), A, R, B, 0.5,
+                                                _meta(M, GOAL_OUT, dtype=dtype), rows())
+        return multi.multi_gemm_launch_args("backward", _meta(M, GOAL_OUT, dtype=dtype), weight, None, A, R, B, 0.5,
+                                            _meta(M, GOAL_IN, dtype=dtype), rows())
+    args, kwargs, _ = multi.grad_r_segments_launch_args(rows(), rows(), ids, _meta(n + 1, dtype=torch.int64), ascale,
+                                                        0.5, _meta(n, r, r, dtype=dtype))
+    return args, kwargs
 
 
 def _meta(*shape, dtype):
@@ -131,7 +209,9 @@ def launch_args(v: dict):
     weight = _meta(GOAL_OUT, GOAL_IN, dtype=dtype)
     A, B, R = _meta(GOAL_IN, r, dtype=dtype), _meta(r, GOAL_OUT, dtype=dtype), _meta(r, r, dtype=r_dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    if v["kernel"] == "gemm_rank_r_kernel":
+    if v.get("multi"):
+        args, kwargs = multi_launch_args(v)
+    elif v["kernel"] == "gemm_rank_r_kernel":
         split = v["schedule"] == "split"
         if v["mode"] == "fwd":
             x, bias = _meta(M, GOAL_IN, dtype=dtype), _meta(GOAL_OUT, dtype=dtype)
@@ -163,6 +243,10 @@ def specialise(kernel, args, kwargs):
     names = kernel.arg_names
     bound = dict(zip(names, args))
     bound.update(kwargs)
+    for name, param in zip(names, kernel.params):  # constexprs with a default (T_GIVEN) take it when not passed
+        default = getattr(param, "default", inspect.Parameter.empty)
+        if name not in bound and default is not inspect.Parameter.empty:
+            bound[name] = default
     missing = [n for n in names if n not in bound]
     if missing:
         raise TypeError(f"{kernel.__name__}: no value for {missing}")
@@ -259,7 +343,8 @@ def problems(rec: dict) -> list[str]:
         out.append(f"spills {rec['spills']} bytes")
     if rec["shared_bytes"] > rec["shared_limit"]:
         out.append(f"shared memory {rec['shared_bytes']} > {rec['shared_limit']}")
-    if rec["arch"] == "sm90" and rec["dtype"] in WGMMA_DTYPES and rec["has_dot"] and not rec["uses_wgmma"]:
+    if (rec["arch"] == "sm90" and rec["dtype"] in WGMMA_DTYPES and rec["has_dot"] and not rec["uses_wgmma"]
+            and not rec.get("wgmma_exempt")):
         out.append("sm_90 16-bit dot without wgmma")
     return out
 
@@ -269,7 +354,8 @@ def summary(records: list[dict], seconds: float) -> str:
     lines = [f"{len(records)} variants compiled in {seconds:.0f} s"]
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["kernel"], r["arch"], r["dtype"], r.get("precision")), []).append(r)
+        kernel = r["kernel"] + ("+T" if r.get("schedule") == "t_given" else "")  # T_GIVEN: many adapters
+        groups.setdefault((kernel, r["arch"], r["dtype"], r.get("precision")), []).append(r)
     lines.append(f"{'kernel':22} {'arch':5} {'dtype':5} {'prec':5} {'n':>3} {'regs':>9} {'shared KiB':>13} "
                  f"{'wgmma':>6} {'stages':>6} problems")
     for (kernel, arch, dt, prec), rs in sorted(groups.items()):
@@ -299,6 +385,7 @@ def main(argv=None) -> int:
                         + ",".join(DTYPES))
     parser.add_argument("--archs", default=",".join(ARCHS), help="comma-separated subset of " + ",".join(ARCHS))
     parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset of " + ",".join(KERNELS))
+    parser.add_argument("--multi-only", action="store_true", help="only the many-adapter launches (multi.py)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (processes)")
     args = parser.parse_args(argv)
     if tb.INTERPRETED:
@@ -312,7 +399,8 @@ def main(argv=None) -> int:
     bad = [a for a in archs if a not in ARCHS] + [k for k in kernels if k not in KERNELS]
     if bad:
         parser.error(f"unknown archs or kernels {bad}")
-    todo = [v for v in variants(dtypes) if v["arch"] in archs and v["kernel"] in kernels]
+    todo = [v for v in variants(dtypes) if v["arch"] in archs and v["kernel"] in kernels
+            and (v.get("multi") or not args.multi_only)]
     print(f"triton {triton.__version__}: compiling {len(todo)} variants with {args.jobs} processes", file=sys.stderr)
     t0 = time.perf_counter()
     if args.jobs > 1:

@@ -34,6 +34,8 @@ KERNEL_FAMILIES = (
     "decode_epilogue_kernel",
     "grad_r_partial_kernel",
     "grad_r_reduce_kernel",
+    "multi_rows_kernel",
+    "multi_grad_r_kernel",
 )
 
 
@@ -183,7 +185,7 @@ def check_load(lib: str) -> int:
     except (OSError, RuntimeError) as e:
         print(f"FAIL: {lib} does not load: {e}", file=sys.stderr)
         return 1
-    for op in ("linear_fwd", "linear_bwd"):
+    for op in ("linear_fwd", "linear_bwd", "linear_multi_fwd", "linear_multi_bwd"):
         for key in ("CUDA", "CPU", "Autograd"):
             ok = torch._C._dispatch_has_kernel_for_dispatch_key(f"loraxs::{op}", key)
             print(f"loraxs::{op} has a {key} kernel: {ok}")

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EMU_DIR = ROOT / "csrc" / "emu"
 KERNELS_DIR = ROOT / "csrc" / "cuda" / "kernels"
 BUILD_DIR = ROOT / "build" / "cuda-emu"
-UNITS = ["decode.cu", "gemm_half.cu", "gemm_bfloat16.cu", "gemm_simt.cu", "grad_r.cu"]
+UNITS = ["decode.cu", "gemm_half.cu", "gemm_bfloat16.cu", "gemm_simt.cu", "grad_r.cu", "multi.cu"]
 
 FLAGS = {
     "memcheck": ["-fsanitize=address,alignment", "-fno-sanitize-recover=all"],
@@ -59,8 +59,9 @@ def checker_of(rc: int, stderr: str) -> str:
     return CHECKER_BY_RC.get(rc, "runner")
 
 
-# launch.h's DType
+# launch.h's DType and IndexType
 DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
+INDEX_CODE = {"int32": 0, "int64": 1}
 
 
 class EmuError(RuntimeError):
@@ -205,6 +206,10 @@ class Request:
         self._by_ptr = {}   # storage data_ptr -> buffer index
         self.outputs = []   # (buffer index, tensor to fill)
         self.calls = []
+        # Every tensor handed to ptr() stays alive until the request is dropped: buffers are keyed by
+        # storage address, and a freed temporary's address reused by a later output would alias it
+        # (seen: "an output tensor shares its storage with an input" from a test's R.to(dtype) copy).
+        self._keep = []
 
     def _storage(self, t, out: bool) -> int:
         st = t.untyped_storage()
@@ -231,6 +236,7 @@ class Request:
             return "null"
         if t.device.type != "cpu":
             raise ValueError(f"cuda_emu: tensors must be on the CPU, got {t.device}")
+        self._keep.append(t)
         return f"b{self._storage(t, out)}+{t.storage_offset() * t.element_size()}"
 
     def call(self, name: str, **kv) -> None:
@@ -305,17 +311,44 @@ def gemm_call(req: Request, C, P1, Q1, P2=None, Q2=None, bias=None, alpha=1.0, o
     req.call("gemm", **kv)
 
 
-def decode_call(req: Request, y, xa, x, W, A, R, B, bias, scaling, num_sms=132, pdl=True, query_only=False) -> None:
-    """The decoding kernels (decode_forward_partial + decode_forward_epilogue) with decode_splits(num_sms)."""
+def index_code(dtype) -> int:
+    name = str(dtype).replace("torch.", "")
+    if name not in INDEX_CODE:
+        raise ValueError(f"cuda_emu: adapter ids must be int32 or int64, got {dtype}")
+    return INDEX_CODE[name]
+
+
+def _check_adapter_scale(adapter_scale) -> None:
+    if adapter_scale is not None and (str(adapter_scale.dtype) != "torch.float64" or not adapter_scale.is_contiguous()):
+        raise ValueError("cuda_emu: adapter_scale must be a contiguous float64 tensor (the binding converts it)")
+
+
+def _ids(req: Request, ids, adapter_scale, M: int) -> dict:
+    """Many-adapter arguments: ids (M,) contiguous int32/int64, adapter_scale (n,) contiguous float64 or None."""
+    if ids.shape != (M,) or not ids.is_contiguous():
+        raise ValueError(f"cuda_emu: ids must be a contiguous ({M},) tensor, got {tuple(ids.shape)}")
+    _check_adapter_scale(adapter_scale)
+    return dict(ids=req.ptr(ids), ids_type=index_code(ids.dtype), adapter_scale=req.ptr(adapter_scale))
+
+
+def decode_call(req: Request, y, xa, x, W, A, R, B, bias, scaling, num_sms=132, pdl=True, query_only=False,
+                ids=None, adapter_scale=None) -> None:
+    """The decoding kernels (decode_forward_partial + decode_forward_epilogue) with decode_splits(num_sms).
+    ids (M,): many adapters, R a bank (n, r, r) (DecodeArgs::ids, s_rn, adapter_scale)."""
     M, K = x.shape
     N, r = W.shape[0], A.shape[1]
     if x.stride(1) != 1 or W.stride(1) != 1:
         raise ValueError("cuda_emu.decode: x and W need unit k stride")
+    Rm = R if ids is None else R[0]
     kv = dict(dtype=dtype_code(x.dtype), num_sms=num_sms, pdl=int(pdl), M=M, N=N, K=K, r=r,
               x=req.ptr(x), s_x=x.stride(0), W=req.ptr(W), s_w=W.stride(0),
               A=req.ptr(A), s_a0=A.stride(0), s_a1=A.stride(1),
-              R=req.ptr(R), s_r0=R.stride(0), s_r1=R.stride(1), r_dtype=dtype_code(R.dtype),
+              R=req.ptr(R), s_r0=Rm.stride(0), s_r1=Rm.stride(1), r_dtype=dtype_code(R.dtype),
               B=req.ptr(B), s_b0=B.stride(0), s_b1=B.stride(1), bias=req.ptr(bias), scaling=repr(float(scaling)))
+    if ids is not None:
+        if R.dim() != 3:
+            raise ValueError(f"cuda_emu.decode: with ids R must be a bank (n, r, r), got {tuple(R.shape)}")
+        kv.update(_ids(req, ids, adapter_scale, M), s_rn=R.stride(0))
     if query_only:
         kv.update(y="null", xa="null")
         req.call("decode_splits", **kv)
@@ -333,6 +366,37 @@ def grad_r_call(req: Request, out, xa, u, scaling) -> None:
         raise ValueError(f"cuda_emu.grad_r: out must be a contiguous ({r}, {r}) tensor, got {tuple(out.shape)}")
     req.call("grad_r", dtype=dtype_code(xa.dtype), M=M, r=r, xa=req.ptr(xa), s_xa0=xa.stride(0), s_xa1=xa.stride(1),
              u=req.ptr(u), s_u0=u.stride(0), s_u1=u.stride(1), scaling=repr(float(scaling)),
+             out=req.ptr(out, out=True), out_dtype=dtype_code(out.dtype))
+
+
+def multi_rows_call(req: Request, out, inp, R, ids, scaling, adapter_scale=None, transpose_R=False) -> None:
+    """out_i = s_i·inp_i R[id_i] (transpose_R: R[id_i]ᵀ), zero rows for id -1, through multi_rows (launch.h)."""
+    M, r = inp.shape
+    n = R.shape[0]
+    if R.dim() != 3 or R.shape[1:] != (r, r):
+        raise ValueError(f"cuda_emu.multi_rows: R must be ({n}, {r}, {r}), got {tuple(R.shape)}")
+    if not out.is_contiguous() or out.shape != (M, r):
+        raise ValueError(f"cuda_emu.multi_rows: out must be a contiguous ({M}, {r}) tensor, got {tuple(out.shape)}")
+    req.call("multi_rows", dtype=dtype_code(inp.dtype), M=M, r=r, n=n, **{"in": req.ptr(inp)},
+             s_in0=inp.stride(0), s_in1=inp.stride(1), R=req.ptr(R), s_rn=R.stride(0), s_r0=R.stride(1),
+             s_r1=R.stride(2), r_dtype=dtype_code(R.dtype), transpose_R=int(transpose_R),
+             **_ids(req, ids, adapter_scale, M), scaling=repr(float(scaling)), out=req.ptr(out, out=True))
+
+
+def multi_grad_r_call(req: Request, out, xa, u, perm, seg, scaling, adapter_scale=None) -> None:
+    """grad_R[k] = s_k·Σ_{p in seg[k]..seg[k+1]} xa[perm[p]]ᵀ u[perm[p]] through multi_grad_r (launch.h)."""
+    M, r = xa.shape
+    n = out.shape[0]
+    if not out.is_contiguous() or out.shape != (n, r, r):
+        raise ValueError(f"cuda_emu.multi_grad_r: out must be a contiguous (n, {r}, {r}) tensor, "
+                         f"got {tuple(out.shape)}")
+    if perm.shape != (M,) or seg.shape != (n + 1,) or perm.dtype != seg.dtype or str(seg.dtype) != "torch.int64":
+        raise ValueError(f"cuda_emu.multi_grad_r: perm ({M},) and seg ({n + 1},) int64, got {tuple(perm.shape)}, "
+                         f"{tuple(seg.shape)} {perm.dtype}/{seg.dtype}")
+    _check_adapter_scale(adapter_scale)
+    req.call("multi_grad_r", dtype=dtype_code(xa.dtype), r=r, n=n, xa=req.ptr(xa), s_xa0=xa.stride(0),
+             s_xa1=xa.stride(1), u=req.ptr(u), s_u0=u.stride(0), s_u1=u.stride(1), perm=req.ptr(perm),
+             seg=req.ptr(seg), adapter_scale=req.ptr(adapter_scale), scaling=repr(float(scaling)),
              out=req.ptr(out, out=True), out_dtype=dtype_code(out.dtype))
 
 

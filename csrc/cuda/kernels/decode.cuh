@@ -24,10 +24,13 @@
 // 2. decode_epilogue_kernel, one CTA per 64 outputs: xa = Σ_j part_xa[j] (in j order, rounded to
 //    the layer's dtype: this is the xa the backward reads; CTA 0 writes it out), t = s·xa·R in fp32
 //    with R rounded to the layer's dtype, then y = Σ_j part_y[j] + t B + b, rounded once.
+//    Many adapters in one batch (DecodeArgs::ids set): row m takes R[ids[m]] of a bank and its own
+//    scaling; a row with id -1 gets no low-rank term (y = Σ_j part_y[j] + b).
 //    On sm_90 it is launched with programmatic dependent launch, so its launch overlaps kernel 1's
 //    tail; it waits (griddepcontrol.wait) before touching anything kernel 1 wrote.
 #pragma once
 
+#include "adapters.cuh"
 #include "common.cuh"
 
 namespace loraxs {
@@ -239,11 +242,13 @@ __global__ void __launch_bounds__(decode::EPI_THREADS) decode_epilogue_kernel(co
   using namespace decode;
   __shared__ float s_xa[MAXM * MAXR];
   __shared__ float s_t[MAXM * MAXR];
+  __shared__ int64_t s_id[MAXM];  // each row's adapter: 0 for the single-adapter layer, -1 for none
   pdl_wait_primary();  // everything below reads what decode_partial_kernel wrote
 
   const DecodeArgs& a = p.a;
   const int tid = threadIdx.x;
   const int M = static_cast<int>(a.M), r = static_cast<int>(a.r), S = p.splits;
+  if (tid < M) s_id[tid] = a.ids ? adapter_of(a.ids, a.ids_type, tid) : 0;
   T* xa_out = static_cast<T*>(a.xa);
   for (int e = tid; e < M * r; e += EPI_THREADS) {
     const int m = e / r, c = e % r;
@@ -254,13 +259,14 @@ __global__ void __launch_bounds__(decode::EPI_THREADS) decode_epilogue_kernel(co
     if (blockIdx.x == 0) xa_out[e] = v;  // xa is (M, r) contiguous: e = m·r + c
   }
   __syncthreads();
-  const RT* R = static_cast<const RT*>(a.R);
-  const float scaling = static_cast<float>(a.scaling);
   for (int e = tid; e < M * r; e += EPI_THREADS) {
     const int m = e / r, c2 = e % r;
+    const int64_t id = s_id[m];
+    if (id < 0) continue;  // s_t of this row is never read
+    const RT* R = static_cast<const RT*>(a.R) + id * a.s_rn;
     float s = 0.f;
     for (int c = 0; c < r; ++c) s = fmaf(s_xa[m * r + c], rounded_to<T, RT>(R[c * a.s_r0 + c2 * a.s_r1]), s);
-    s_t[e] = scaling * s;
+    s_t[e] = static_cast<float>(adapter_scaling_of(a.scaling, a.adapter_scale, id)) * s;
   }
   __syncthreads();
   const T* B = static_cast<const T*>(a.B);
@@ -274,7 +280,9 @@ __global__ void __launch_bounds__(decode::EPI_THREADS) decode_epilogue_kernel(co
     float base = 0.f;
     for (int j = 0; j < S; ++j) base += p.part_y[(static_cast<int64_t>(j) * M + m) * a.N + n];
     float low = 0.f;
-    for (int c = 0; c < r; ++c) low = fmaf(s_t[m * r + c], Num<T>::to_acc(B[c * a.s_b0 + n * a.s_b1]), low);
+    if (s_id[m] >= 0) {
+      for (int c = 0; c < r; ++c) low = fmaf(s_t[m * r + c], Num<T>::to_acc(B[c * a.s_b0 + n * a.s_b1]), low);
+    }
     float v = base + low;
     if (bias) v += Num<T>::to_acc(bias[n]);
     y[m * a.N + n] = Num<T>::from_acc(v);

@@ -54,6 +54,9 @@ cudaError_t gemm_half(const GemmArgs& args, QOrder order, int num_sms, cudaStrea
 cudaError_t gemm_bfloat16(const GemmArgs& args, QOrder order, int num_sms, cudaStream_t stream);
 }  // namespace detail
 
+// Integer types of adapter ids (many adapters in one batch, issue 11).
+enum class IndexType : int { kInt32, kInt64 };
+
 // ---- The decoding path: M <= 16 rows, y = x Wᵀ + b + s·((x A) R) B and xa = x A in two kernels.
 struct DecodeArgs {
   int64_t M = 0, N = 0, K = 0, r = 0;  // N = out, K = in
@@ -72,6 +75,14 @@ struct DecodeArgs {
   double scaling = 1.0;
   void* y = nullptr;                   // (M, N) contiguous, written
   void* xa = nullptr;                  // (M, r) contiguous, written
+  // Many adapters in one batch: null ids = the one adapter R above. Otherwise R is a bank whose
+  // adapter k starts at R + k·s_rn (int64: n·r² may pass 2^31), row m uses adapter ids[m] ((M,)
+  // contiguous, values in [-1, n), checked by the caller; -1: no low-rank term) scaled by
+  // scaling·adapter_scale[id] (adapter_scale (n,) contiguous, or null: scaling alone).
+  const void* ids = nullptr;
+  IndexType ids_type = IndexType::kInt64;
+  int64_t s_rn = 0;
+  const double* adapter_scale = nullptr;
 };
 
 constexpr int64_t kDecodeMaxM = 16;
@@ -113,6 +124,50 @@ int64_t grad_r_workspace_elems(int64_t r, int splits);
 // sum in split order, times s, in out_dtype (which must be dt or kFloat).
 cudaError_t grad_r_partial(DType dt, const GradRArgs& a, int splits, void* workspace, cudaStream_t stream);
 cudaError_t grad_r_reduce(DType dt, const GradRArgs& a, int splits, const void* workspace, cudaStream_t stream);
+
+// ---- Many adapters in one batch (issue 11): R is a bank (n, r, r), row i uses R[ids[i]] and the
+// scaling s_i = scaling·adapter_scale[ids[i]] (scaling alone when adapter_scale is null); id -1 = the
+// base layer alone. Ids are checked to lie in [-1, n) by the caller before any launch: a kernel reads
+// R[id] unchecked. The rest of the layer runs on gemm() (kernels/multi.cuh).
+//
+// out_i = s_i · in_i R[id_i]  (transpose_R: s_i · in_i R[id_i]ᵀ), rows with id -1 all zeros; fp32
+// (fp64) accumulation, R rounded to dt first (an fp32 master bank beside a 16-bit layer).
+struct MultiRowsArgs {
+  int64_t M = 0, r = 0, n = 0;
+  const void* in = nullptr;            // (M, r) in dt, any strides
+  int64_t s_in0 = 0, s_in1 = 0;
+  const void* R = nullptr;             // (n, r, r) in r_dtype (dt, or kFloat beside a 16-bit dt), any strides
+  int64_t s_rn = 0, s_r0 = 0, s_r1 = 0;
+  DType r_dtype = DType::kFloat;
+  bool transpose_R = false;
+  const void* ids = nullptr;           // (M,) contiguous
+  IndexType ids_type = IndexType::kInt64;
+  const double* adapter_scale = nullptr;  // (n,) contiguous or null
+  double scaling = 1.0;
+  void* out = nullptr;                 // (M, r) contiguous, dt, written
+};
+cudaError_t multi_rows(DType dt, const MultiRowsArgs& a, cudaStream_t stream);
+
+// grad_R[k] = s_k · Σ_{rows i with id_i = k} xa_iᵀ u_i  (n, r, r), zeros for an adapter with no rows.
+// The rows come grouped by adapter: perm (M,) is the row order sorted by id (stable, so each
+// adapter's rows keep their batch order; the -1 rows first), and adapter k's rows are
+// perm[seg[k] .. seg[k+1]) with seg (n + 1,) on the device (searchsorted of the sorted ids: no copy to
+// the host). One CTA per (adapter, 32×32 tile) sums its rows in that order: no atomics, bitwise
+// reproducible on every GPU.
+struct MultiGradRArgs {
+  int64_t r = 0, n = 0;
+  const void* xa = nullptr;            // (M, r) in dt, any strides
+  int64_t s_xa0 = 0, s_xa1 = 0;
+  const void* u = nullptr;             // (M, r) in dt, any strides
+  int64_t s_u0 = 0, s_u1 = 0;
+  const int64_t* perm = nullptr;       // (M,) contiguous
+  const int64_t* seg = nullptr;        // (n + 1,) contiguous
+  const double* adapter_scale = nullptr;  // (n,) contiguous or null
+  double scaling = 1.0;
+  void* out = nullptr;                 // (n, r, r) contiguous, in out_dtype (dt, or kFloat beside a 16-bit dt)
+  DType out_dtype = DType::kFloat;
+};
+cudaError_t multi_grad_r(DType dt, const MultiGradRArgs& a, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace loraxs

@@ -21,6 +21,8 @@ split (U_GIVEN=True, RP > 64, or forced): U comes from low_rank_projection.py (a
   T·S enters as r extra K steps: Y = [X | T]·[Wt ; S]. At RP = 128..256 the fused kernel's X·P
   accumulator (BLOCK_M × RP fp32) does not fit beside the main one (the AOT report showed spills in
   every config tried), and its repeated X·P work would be 50-100 % of the GEMM.
+split with T_GIVEN (many adapters, multi.py): T itself comes in (formed per row, each row with its own
+  R, by per_row_r.py) and enters as the same r extra K steps; Q is not read.
 """
 
 from __future__ import annotations
@@ -109,6 +111,20 @@ def _add_t_from_u(acc, u_ptr, q_ptr, s_ptr, offs_m, mask_m, offs_n, N, R,
 
 
 @triton.jit
+def _add_t_given(acc, t_ptr, s_ptr, offs_m, mask_m, offs_n, N, R, stride_tm, stride_tr, stride_sr, stride_sn,
+                 BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += T·S[:, cols] with T read as given (many adapters, multi.py: T_i = s_i·U_i·Q[id_i] was formed
+    per row by the projection launch), BLOCK_T columns at a time; not pipelined, as in _add_t_from_u."""
+    offs_t = tl.arange(0, BLOCK_T)
+    for c in tl.range(0, tl.cdiv(R, BLOCK_T), num_stages=1):
+        offs_c = c * BLOCK_T + offs_t
+        t_h = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_c[None, :] * stride_tr,
+                      mask=mask_m[:, None] & (offs_c[None, :] < R), other=0.0)
+        acc = _add_t_times_s(acc, t_h, s_ptr, offs_c, offs_n, N, R, stride_sr, stride_sn, PRECISION)
+    return acc
+
+
+@triton.jit
 def _store_tile(acc, y_ptr, b_ptr, offs_m, offs_n, mask_m, N, stride_ym, stride_yn, stride_b,
                 HAS_BIAS: tl.constexpr):
     mask_n = offs_n < N
@@ -137,6 +153,10 @@ def gemm_rank_r_kernel(
     IDX64: tl.constexpr,  # some tensor spans > 2**31 elements: row/column offsets in int64
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    # Split only: u_ptr holds T itself (M×r, already scaled and rounded), not U; Q is not read. The
+    # many-adapter launches (multi.py) form T per row, each row with its own R. A separate branch, so
+    # the specialisations with T_GIVEN=False compile to what they did before the flag existed.
+    T_GIVEN: tl.constexpr = False,
 ):
     acc_ty = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
@@ -165,9 +185,13 @@ def gemm_rank_r_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
         acc = _x_times_w(acc, x_ptr, w_ptr, offs_m, offs_n, mask_m, N, K,
                          stride_xm, stride_xk, stride_wk, stride_wn, BLOCK_K, PRECISION)
-        acc = _add_t_from_u(acc, u_ptr, q_ptr, s_ptr, offs_m, mask_m, offs_n, N, R, stride_um, stride_ur,
-                            stride_qi, stride_qj, stride_sr, stride_sn, scaling, scaling_lo, BLOCK_M, BLOCK_T,
-                            PRECISION)
+        if T_GIVEN:
+            acc = _add_t_given(acc, u_ptr, s_ptr, offs_m, mask_m, offs_n, N, R, stride_um, stride_ur,
+                               stride_sr, stride_sn, BLOCK_T, PRECISION)
+        else:
+            acc = _add_t_from_u(acc, u_ptr, q_ptr, s_ptr, offs_m, mask_m, offs_n, N, R, stride_um, stride_ur,
+                                stride_qi, stride_qj, stride_sr, stride_sn, scaling, scaling_lo, BLOCK_M, BLOCK_T,
+                                PRECISION)
         _store_tile(acc, y_ptr, b_ptr, offs_m, offs_n, mask_m, N, stride_ym, stride_yn, stride_b, HAS_BIAS)
         # Only emitted for GROUP_N > 1: even a loop that runs zero times cost ~30 registers and spills
         # in the AOT report (ptxas keeps its live ranges).
@@ -179,9 +203,13 @@ def gemm_rank_r_kernel(
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
                 acc = _x_times_w(acc, x_ptr, w_ptr, offs_m, offs_n, mask_m, N, K,
                                  stride_xm, stride_xk, stride_wk, stride_wn, BLOCK_K, PRECISION)
-                acc = _add_t_from_u(acc, u_ptr, q_ptr, s_ptr, offs_m, mask_m, offs_n, N, R, stride_um,
-                                    stride_ur, stride_qi, stride_qj, stride_sr, stride_sn, scaling, scaling_lo,
-                                    BLOCK_M, BLOCK_T, PRECISION)
+                if T_GIVEN:
+                    acc = _add_t_given(acc, u_ptr, s_ptr, offs_m, mask_m, offs_n, N, R, stride_um, stride_ur,
+                                       stride_sr, stride_sn, BLOCK_T, PRECISION)
+                else:
+                    acc = _add_t_from_u(acc, u_ptr, q_ptr, s_ptr, offs_m, mask_m, offs_n, N, R, stride_um,
+                                        stride_ur, stride_qi, stride_qj, stride_sr, stride_sn, scaling, scaling_lo,
+                                        BLOCK_M, BLOCK_T, PRECISION)
                 _store_tile(acc, y_ptr, b_ptr, offs_m, offs_n, mask_m, N, stride_ym, stride_yn, stride_b,
                             HAS_BIAS)
     else:
