@@ -109,12 +109,13 @@ def loraxs_linear_multi(x, weight, bias, A, R, B, adapter_ids, scaling=1.0, *, b
     and a scaling tensor are constants. Every input, the ids' values included, is checked before any
     kernel runs.
 
-    backend: "auto" (on the CPU the grouped ATen schedule; on CUDA the same rule as loraxs_linear:
-    Triton for 16-bit and TF32 fp32, cuBLAS through the grouped ATen schedule for fp64 and strict fp32,
-    the CUDA C++ kernels where Triton is missing), "cpp" (the grouped schedule, CPU), "torch" (the
-    grouped schedule on any device), "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cuda".
-    The grouped schedule sorts the ids once per call and runs one small GEMM per adapter with rows;
-    the Triton and CUDA kernels gather R per row inside the kernels.
+    backend: "auto" (on the CPU the ATen schedules; on CUDA the same rule as loraxs_linear: Triton for
+    16-bit and TF32 fp32, cuBLAS through the ATen schedules for fp64 and strict fp32, the CUDA C++
+    kernels where Triton is missing), "cpp" (the ATen schedules, CPU), "torch" (the ATen schedules on
+    any device), "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cuda". The ATen schedules
+    (csrc/cpu/multi_aten.cpp) gather R[id] per row for a batched product, or sort the rows once and
+    run one small GEMM per adapter, by a measured cost model; the Triton and CUDA kernels gather R per
+    row inside the kernels.
     """
     backends.check_name(backend)
     if backend != "auto":
@@ -135,7 +136,7 @@ def _fallback(x, weight, bias, A, R, B, adapter_ids, scaling, adapter_scaling):
     if not _warned:
         _warned = True
         warnings.warn(f"loraxs_linear_multi runs the plain-PyTorch reference: {NATIVE_REASON}. Build the C++ "
-                      "extension (`make build`) for the grouped kernel.", RuntimeWarning, stacklevel=3)
+                      "extension (`make build`) for its kernels.", RuntimeWarning, stacklevel=3)
     check_multi_inputs(x, weight, bias, A, R, B, adapter_ids, adapter_scaling)
     if torch.is_grad_enabled():
         check_frozen(weight, bias, A, B)
