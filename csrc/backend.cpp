@@ -34,6 +34,14 @@ const char* backend_name(Backend b) {
   return "?";
 }
 
+void wrong_device(Backend b, const at::Device& device) {
+  if (b == Backend::kCuda) {
+    TORCH_CHECK(false, "backend 'cuda' is the C++ extension's CUDA kernel and needs CUDA tensors; tensors are on ",
+                device);
+  }
+  TORCH_CHECK(false, "backend 'cpp' is the C++ extension's CPU kernel; tensors are on ", device);
+}
+
 // ------------------------------------------------------------------------------- Python backends
 // py_fwd / py_bwd have no C++ kernel: loraxs_kernels/ops/python_backends.py registers the Python one
 // for CPU and CUDA. Only a call that runs "torch" or "triton" pays for Python; "auto" on the CPU,

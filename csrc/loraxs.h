@@ -59,6 +59,8 @@ std::optional<LayerTensors> autocast_layer(const at::Tensor& x, const at::Tensor
 enum class Backend { kAuto, kTorch, kCpp, kTriton, kCuda };
 Backend parse_backend(std::string_view name);  // ValueError naming the choices
 const char* backend_name(Backend b);
+// The error for a backend named on tensors it does not run on: "cuda" on the CPU, "cpp" on CUDA.
+[[noreturn]] void wrong_device(Backend b, const at::Device& device);
 // The Python backends ("torch", "triton"), reached through the dispatcher (py_fwd / py_bwd).
 bool triton_installed();  // set by Python at load time (loraxs::set_triton_installed)
 Fwd call_python_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

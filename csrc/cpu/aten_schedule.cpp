@@ -120,8 +120,7 @@ Fwd linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const std::opt
     case Backend::kCuda:
       break;
   }
-  TORCH_CHECK(false, "backend 'cuda' is the C++ extension's CUDA kernel and needs CUDA tensors; tensors are on ",
-              x.device());
+  wrong_device(Backend::kCuda, x.device());
 }
 
 Bwd linear_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight, const at::Tensor& A,
@@ -143,8 +142,7 @@ Bwd linear_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& xa, const at::T
     case Backend::kCuda:
       break;
   }
-  TORCH_CHECK(false, "backend 'cuda' is the C++ extension's CUDA kernel and needs CUDA tensors; tensors are on ",
-              grad_out.device());
+  wrong_device(Backend::kCuda, grad_out.device());
 }
 
 }  // namespace

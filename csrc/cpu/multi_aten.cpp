@@ -250,8 +250,7 @@ Fwd linear_multi_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const st
     case Backend::kCuda:
       break;
   }
-  TORCH_CHECK(false, "backend 'cuda' is the C++ extension's CUDA kernel and needs CUDA tensors; tensors are on ",
-              x.device());
+  wrong_device(Backend::kCuda, x.device());
 }
 
 Bwd linear_multi_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
@@ -274,8 +273,7 @@ Bwd linear_multi_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& xa, const
     case Backend::kCuda:
       break;
   }
-  TORCH_CHECK(false, "backend 'cuda' is the C++ extension's CUDA kernel and needs CUDA tensors; tensors are on ",
-              grad_out.device());
+  wrong_device(Backend::kCuda, grad_out.device());
 }
 
 }  // namespace

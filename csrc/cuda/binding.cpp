@@ -99,6 +99,40 @@ void run_gemm(lc::DType dt, const lc::GemmArgs& a, lc::QOrder order, const Devic
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void run_x_times_A(lc::DType dt, const at::Tensor& xa, const at::Tensor& x, const at::Tensor& Ac,
+                   const DeviceInfo& info, cudaStream_t stream) {
+  // Q1 = Aᵀ (rows = the r columns of A, k = in).
+  run_gemm(dt, gemm_args(xa, x.size(1), as_is(x), transposed(Ac)), lc::QOrder::kQ1NContig_Q2KContig, info, stream);
+}
+
+void run_g_times_Bt(lc::DType dt, const at::Tensor& u, const at::Tensor& g, const at::Tensor& Bc,
+                    const DeviceInfo& info, cudaStream_t stream) {
+  // Q1 = B as is (rows = r, k = out).
+  run_gemm(dt, gemm_args(u, g.size(1), as_is(g), as_is(Bc)), lc::QOrder::kQ1KContig_Q2NContig, info, stream);
+}
+
+void run_forward_main(lc::DType dt, const at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
+                      const at::Tensor& t, const at::Tensor& Bc, const at::Tensor& b, const DeviceInfo& info,
+                      cudaStream_t stream) {
+  // The rank-r term is r more steps of the same K loop (Q2 = Bᵀ).
+  lc::GemmArgs main = gemm_args(y, x.size(1), as_is(x), as_is(weight));
+  main.K2 = t.size(1);
+  main.P2 = as_is(t);
+  main.Q2 = transposed(Bc);
+  main.bias = b.defined() ? b.data_ptr() : nullptr;
+  run_gemm(dt, main, lc::QOrder::kQ1KContig_Q2NContig, info, stream);
+}
+
+void run_grad_x_main(lc::DType dt, const at::Tensor& grad_x, const at::Tensor& g, const at::Tensor& weight,
+                     const at::Tensor& v, const at::Tensor& Ac, const DeviceInfo& info, cudaStream_t stream) {
+  // Q1 = Wᵀ (rows = in, k = out), Q2 = A as is (rows = in, k = r).
+  lc::GemmArgs main = gemm_args(grad_x, g.size(1), as_is(g), transposed(weight));
+  main.K2 = v.size(1);
+  main.P2 = as_is(v);
+  main.Q2 = as_is(Ac);
+  run_gemm(dt, main, lc::QOrder::kQ1NContig_Q2KContig, info, stream);
+}
+
 lc::DecodeArgs decode_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& b, const at::Tensor& Ac,
                            const at::Tensor& Bc, double scaling, const at::Tensor& y, const at::Tensor& xa) {
   lc::DecodeArgs d;

@@ -46,6 +46,18 @@ at::Tensor vector_readable(const at::Tensor& t);
 // C (M×N, contiguous, fresh) = alpha·P1 Q1ᵀ (add K2, P2, Q2 and bias for the rank-r term).
 lc::GemmArgs gemm_args(const at::Tensor& C, int64_t K1, lc::Operand P1, lc::Operand Q1, double alpha = 1.0);
 void run_gemm(lc::DType dt, const lc::GemmArgs& a, lc::QOrder order, const DeviceInfo& info, cudaStream_t stream);
+// The four GEMMs both bindings run around their rank-r step (t or v: s·xa R for one adapter, per row for
+// a bank); outputs (M, ·) contiguous and fresh, A and B contiguous.
+void run_x_times_A(lc::DType dt, const at::Tensor& xa, const at::Tensor& x, const at::Tensor& Ac,
+                   const DeviceInfo& info, cudaStream_t stream);                       // xa = x A
+void run_g_times_Bt(lc::DType dt, const at::Tensor& u, const at::Tensor& g, const at::Tensor& Bc,
+                    const DeviceInfo& info, cudaStream_t stream);                      // u = g Bᵀ
+void run_forward_main(lc::DType dt, const at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
+                      const at::Tensor& t, const at::Tensor& Bc, const at::Tensor& b, const DeviceInfo& info,
+                      cudaStream_t stream);                                            // y = x Wᵀ + t B + b
+void run_grad_x_main(lc::DType dt, const at::Tensor& grad_x, const at::Tensor& g, const at::Tensor& weight,
+                     const at::Tensor& v, const at::Tensor& Ac, const DeviceInfo& info,
+                     cudaStream_t stream);                                             // grad_x = g W + v Aᵀ
 
 // The decoding kernels' arguments but R's (each binding sets R, its strides and, for a bank, the ids).
 lc::DecodeArgs decode_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& b, const at::Tensor& Ac,

@@ -30,7 +30,7 @@ using namespace cuda_binding;  // binding.h: device facts, operands, GEMM/decodi
 // ------------------------------------------------------------------- the "cuda" backend, (M, ·) inputs
 Fwd cuda_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                  const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, double scaling) {
-  const int64_t M = x_in.size(0), in = weight.size(1), out = weight.size(0), r = A.size(1);
+  const int64_t M = x_in.size(0), out = weight.size(0), r = A.size(1);
   check_cuda_inputs("loraxs native_fwd", x_in, r);
   const lc::DType dt = dtype_of(x_in.scalar_type());
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -51,19 +51,12 @@ Fwd cuda_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::op
   d.R = Rc.data_ptr(), d.s_r0 = Rc.stride(0), d.s_r1 = Rc.stride(1), d.r_dtype = dtype_of(Rc.scalar_type());
   if (try_decode(dt, d, x, weight, info, stream)) return {y, xa};
 
-  // xa = x A:  Q1 = Aᵀ (rows = the r columns of A, k = in).
-  run_gemm(dt, gemm_args(xa, in, as_is(x), transposed(Ac)), lc::QOrder::kQ1NContig_Q2KContig, info, stream);
+  run_x_times_A(dt, xa, x, Ac, info, stream);
   // t = s·xa R in the layer's dtype (an fp32 master R is rounded first, like the CPU kernel).
   const at::Tensor Rt = Rc.to(x.scalar_type());
   at::Tensor t = at::empty({M, r}, x.options());
   run_gemm(dt, gemm_args(t, r, as_is(xa), transposed(Rt), scaling), lc::QOrder::kQ1NContig_Q2KContig, info, stream);
-  // y = x Wᵀ + t B + b: the rank-r term is r more steps of the same K loop (Q2 = Bᵀ).
-  lc::GemmArgs main = gemm_args(y, in, as_is(x), as_is(weight));
-  main.K2 = r;
-  main.P2 = as_is(t);
-  main.Q2 = transposed(Bc);
-  main.bias = b.defined() ? b.data_ptr() : nullptr;
-  run_gemm(dt, main, lc::QOrder::kQ1KContig_Q2NContig, info, stream);
+  run_forward_main(dt, y, x, weight, t, Bc, b, info, stream);  // y = x Wᵀ + t B + b
   return {y, xa};
 }
 
@@ -83,21 +76,16 @@ Bwd cuda_backward(const at::Tensor& grad_out, const at::Tensor& xa, const at::Te
 
   const at::Tensor g = vector_readable(grad_out);
   const at::Tensor Ac = A.contiguous(), Bc = B.contiguous();
-  // u = g Bᵀ (M×r): Q1 = B as is (rows = r, k = out).
+  // u = g Bᵀ (M×r).
   at::Tensor u = at::empty({M, r}, g.options());
-  run_gemm(dt, gemm_args(u, weight.size(0), as_is(g), as_is(Bc)), lc::QOrder::kQ1KContig_Q2NContig, info, stream);
+  run_g_times_Bt(dt, u, g, Bc, info, stream);
 
   if (need_x) {
     // v = s·u Rᵀ: Q1 = R as is (rows = i, k = j).
     const at::Tensor Rt = R.contiguous().to(g.scalar_type());
     at::Tensor v = at::empty({M, r}, g.options());
     run_gemm(dt, gemm_args(v, r, as_is(u), as_is(Rt), scaling), lc::QOrder::kQ1KContig_Q2NContig, info, stream);
-    // grad_x = g W + v Aᵀ: Q1 = Wᵀ (rows = in, k = out), Q2 = A as is (rows = in, k = r).
-    lc::GemmArgs main = gemm_args(grad_x, weight.size(0), as_is(g), transposed(weight));
-    main.K2 = r;
-    main.P2 = as_is(v);
-    main.Q2 = as_is(Ac);
-    run_gemm(dt, main, lc::QOrder::kQ1NContig_Q2KContig, info, stream);
+    run_grad_x_main(dt, grad_x, g, weight, v, Ac, info, stream);  // grad_x = g W + v Aᵀ
   }
   if (need_R) {
     lc::GradRArgs a;
@@ -144,7 +132,7 @@ Fwd linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const std::op
     default:
       break;
   }
-  TORCH_CHECK(false, "backend 'cpp' is the C++ extension's CPU kernel; tensors are on ", x.device());
+  wrong_device(Backend::kCpp, x.device());
 }
 
 Bwd linear_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight, const at::Tensor& A,
@@ -171,7 +159,7 @@ Bwd linear_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& xa, const at::
     default:
       break;
   }
-  TORCH_CHECK(false, "backend 'cpp' is the C++ extension's CPU kernel; tensors are on ", grad_out.device());
+  wrong_device(Backend::kCpp, grad_out.device());
 }
 
 }  // namespace

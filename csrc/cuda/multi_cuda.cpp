@@ -65,7 +65,7 @@ void run_multi_rows(lc::DType dt, at::Tensor& out, const at::Tensor& in, const a
 Fwd cuda_multi_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, const at::Tensor& ids,
                        double scaling, const std::optional<at::Tensor>& adapter_scaling) {
-  const int64_t M = x_in.size(0), in = weight.size(1), out = weight.size(0), r = A.size(1);
+  const int64_t M = x_in.size(0), out = weight.size(0), r = A.size(1);
   const lc::DType dt = dtype_of(x_in.scalar_type());
   const c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor y = at::empty({M, out}, x_in.options());
@@ -87,25 +87,18 @@ Fwd cuda_multi_forward(const at::Tensor& x_in, const at::Tensor& weight, const s
   d.ids = ad.ids.data_ptr(), d.ids_type = ad.ids_type(), d.s_rn = R.stride(0), d.adapter_scale = ad.scale_ptr();
   if (try_decode(dt, d, x, weight, info, stream)) return {y, xa};
 
-  // xa = x A:  Q1 = Aᵀ (rows = the r columns of A, k = in).
-  run_gemm(dt, gemm_args(xa, in, as_is(x), transposed(Ac)), lc::QOrder::kQ1NContig_Q2KContig, info, stream);
+  run_x_times_A(dt, xa, x, Ac, info, stream);
   // t_i = s_i·xa_i R[id_i] in the layer's dtype; zero rows for id -1.
   at::Tensor t = at::empty({M, r}, x.options());
   run_multi_rows(dt, t, xa, R, ad, scaling, /*transpose_R=*/false, stream);
-  // y = x Wᵀ + t B + b: the rank-r term as r more steps of the same K loop (Q2 = Bᵀ).
-  lc::GemmArgs main = gemm_args(y, in, as_is(x), as_is(weight));
-  main.K2 = r;
-  main.P2 = as_is(t);
-  main.Q2 = transposed(Bc);
-  main.bias = b.defined() ? b.data_ptr() : nullptr;
-  run_gemm(dt, main, lc::QOrder::kQ1KContig_Q2NContig, info, stream);
+  run_forward_main(dt, y, x, weight, t, Bc, b, info, stream);  // y = x Wᵀ + t B + b
   return {y, xa};
 }
 
 Bwd cuda_multi_backward(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
                         const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, const at::Tensor& ids,
                         double scaling, const std::optional<at::Tensor>& adapter_scaling, bool need_x, bool need_R) {
-  const int64_t M = grad_out.size(0), in = weight.size(1), out = weight.size(0), r = A.size(1), n = R.size(0);
+  const int64_t M = grad_out.size(0), in = weight.size(1), r = A.size(1), n = R.size(0);
   const lc::DType dt = dtype_of(grad_out.scalar_type());
   const c10::cuda::CUDAGuard guard(grad_out.device());
   at::Tensor grad_x = need_x ? at::empty({M, in}, grad_out.options()) : grad_out.new_empty({0});
@@ -120,19 +113,15 @@ Bwd cuda_multi_backward(const at::Tensor& grad_out, const at::Tensor& xa, const 
   const at::Tensor g = vector_readable(grad_out);
   const at::Tensor Ac = A.contiguous(), Bc = B.contiguous();
   const Adapters ad = adapters(ids, adapter_scaling);
-  // u = g Bᵀ (M×r): Q1 = B as is (rows = r, k = out).
+  // u = g Bᵀ (M×r).
   at::Tensor u = at::empty({M, r}, g.options());
-  run_gemm(dt, gemm_args(u, out, as_is(g), as_is(Bc)), lc::QOrder::kQ1KContig_Q2NContig, info, stream);
+  run_g_times_Bt(dt, u, g, Bc, info, stream);
 
   if (need_x) {
     // v_i = s_i·u_i R[id_i]ᵀ; grad_x = g W + v Aᵀ: Q1 = Wᵀ (rows = in, k = out), Q2 = A as is.
     at::Tensor v = at::empty({M, r}, g.options());
     run_multi_rows(dt, v, u, R, ad, scaling, /*transpose_R=*/true, stream);
-    lc::GemmArgs main = gemm_args(grad_x, out, as_is(g), transposed(weight));
-    main.K2 = r;
-    main.P2 = as_is(v);
-    main.Q2 = as_is(Ac);
-    run_gemm(dt, main, lc::QOrder::kQ1NContig_Q2KContig, info, stream);
+    run_grad_x_main(dt, grad_x, g, weight, v, Ac, info, stream);
   }
   if (need_R) {
     // The rows grouped by adapter, on the device: a stable sort keeps each adapter's rows in batch
@@ -182,7 +171,7 @@ Fwd linear_multi_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const s
     default:
       break;
   }
-  TORCH_CHECK(false, "backend 'cpp' is the C++ extension's CPU kernel; tensors are on ", x.device());
+  wrong_device(Backend::kCpp, x.device());
 }
 
 Bwd linear_multi_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
@@ -211,7 +200,7 @@ Bwd linear_multi_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& xa, cons
     default:
       break;
   }
-  TORCH_CHECK(false, "backend 'cpp' is the C++ extension's CPU kernel; tensors are on ", grad_out.device());
+  wrong_device(Backend::kCpp, grad_out.device());
 }
 
 }  // namespace

@@ -66,33 +66,11 @@ class FusedLoRAXSLinear(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(
-                f"rank must be between 1 and min(in_features, out_features) = {min(in_features, out_features)}, "
-                f"got rank={rank} for in_features={in_features}, out_features={out_features}"
-            )
-        backends.check_name(backend)
-        factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        # True when the base is a transformers Conv1D (weight stored in×out): merge_loraxs gives one back.
-        self.fan_in_fan_out = False
-        self.scaling = float(scaling)
-        self.backend = backend
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
-        self.register_buffer("lora_A", torch.empty(in_features, rank, **factory))
-        self.register_buffer("lora_B", torch.empty(rank, out_features, **factory))
+        build_base(self, in_features, out_features, rank, bias, scaling, backend, device, dtype)
         r_dtype = r_dtype or self.weight.dtype
         self.lora_R = nn.Parameter(torch.empty(rank, rank, device=self.weight.device, dtype=r_dtype))
-        self._reset_base()
+        init_like_linear(self)
         self.reset_adapter(r_init)
-
-    def _reset_base(self):
-        # nn.Linear's own initialisation, so a fresh layer behaves like a fresh nn.Linear.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
-            nn.init.uniform_(self.bias, -bound, bound)
 
     @torch.no_grad()
     def reset_adapter(self, r_init: str = "normal"):
@@ -101,9 +79,7 @@ class FusedLoRAXSLinear(nn.Module):
             raise ValueError(f"r_init must be 'normal' or 'zeros', got {r_init!r}")
         if self.weight.is_meta:
             return
-        A, B = svd_factors(self.weight, self.rank)
-        self.lora_A.copy_(A)
-        self.lora_B.copy_(B)
+        set_basis(self)
         self.reset_R(r_init)
 
     @torch.no_grad()
@@ -138,14 +114,8 @@ class FusedLoRAXSLinear(nn.Module):
         )
         # Built on the meta device, so the throw-away init and SVD of a fresh weight are skipped.
         layer = attach_base(layer, linear, rank, share_weight=share_weight, basis=basis)
-        r_init = kwargs.get("r_init", "normal")
-        if basis is None:
-            layer.reset_adapter(r_init)
-        else:
-            with torch.no_grad():
-                layer.lora_A.copy_(basis[0])
-                layer.lora_B.copy_(basis[1])
-            layer.reset_R(r_init)
+        set_basis(layer, basis)
+        layer.reset_R(kwargs.get("r_init", "normal"))
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,6 +142,44 @@ class FusedLoRAXSLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}, scaling={self.scaling}, backend={self.backend!r}"
         )
+
+
+def build_base(layer: nn.Module, in_features: int, out_features: int, rank: int, bias: bool, scaling: float,
+               backend: str, device, dtype) -> None:
+    """What every LoRA-XS module holds besides R, checked and allocated (not initialised): in_features,
+    out_features, rank, scaling, backend, fan_in_fan_out, the frozen weight and bias, and the lora_A /
+    lora_B buffers."""
+    if not 1 <= rank <= min(in_features, out_features):
+        raise ValueError(
+            f"rank must be between 1 and min(in_features, out_features) = {min(in_features, out_features)}, "
+            f"got rank={rank} for in_features={in_features}, out_features={out_features}"
+        )
+    backends.check_name(backend)
+    factory = {"device": device, "dtype": dtype}
+    layer.in_features, layer.out_features, layer.rank = in_features, out_features, rank
+    # True when the base is a transformers Conv1D (weight stored in×out): merge_loraxs gives one back.
+    layer.fan_in_fan_out = False
+    layer.scaling = float(scaling)
+    layer.backend = backend
+    layer.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+    layer.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+    layer.register_buffer("lora_A", torch.empty(in_features, rank, **factory))
+    layer.register_buffer("lora_B", torch.empty(rank, out_features, **factory))
+
+
+def init_like_linear(layer: nn.Module) -> None:
+    """nn.Linear's own initialisation of weight and bias, so a fresh layer behaves like a fresh nn.Linear."""
+    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5))
+    if layer.bias is not None:
+        nn.init.uniform_(layer.bias, -1 / math.sqrt(layer.in_features), 1 / math.sqrt(layer.in_features))
+
+
+@torch.no_grad()
+def set_basis(layer: nn.Module, basis=None) -> None:
+    """lora_A and lora_B from a given (A, B) basis, else from the SVD of the layer's weight."""
+    A, B = basis if basis is not None else svd_factors(layer.weight, layer.rank)
+    layer.lora_A.copy_(A)
+    layer.lora_B.copy_(B)
 
 
 @torch.no_grad()

@@ -10,15 +10,12 @@ and out of every layer's bank in place.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch import nn
 
-from .. import backends
 from ..ops.multi import loraxs_linear_multi
-from .linear import R_INIT_STD, attach_base, base_tensors, merged_linear
-from .svd_init import svd_factors
+from .linear import R_INIT_STD, attach_base, base_tensors, build_base, init_like_linear, merged_linear, set_basis
 
 
 class MultiLoRAXSLinear(nn.Module):
@@ -35,35 +32,17 @@ class MultiLoRAXSLinear(nn.Module):
                  scaling: float = 1.0, device=None, dtype=None, *, r_dtype: torch.dtype | None = None,
                  r_init: str = "normal", backend: str = "auto"):
         super().__init__()
-        backends.check_name(backend)
-        if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(
-                f"rank must be between 1 and min(in_features, out_features) = {min(in_features, out_features)}, "
-                f"got rank={rank} for in_features={in_features}, out_features={out_features}")
+        build_base(self, in_features, out_features, rank, bias, scaling, backend, device, dtype)
         if not isinstance(num_adapters, int) or num_adapters < 1:
             raise ValueError(f"num_adapters must be an int >= 1, got {num_adapters!r}")
-        factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features, self.rank, self.num_adapters = in_features, out_features, rank, num_adapters
-        self.fan_in_fan_out = False
-        self.scaling = float(scaling)
-        self.backend = backend
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
-        self.register_buffer("lora_A", torch.empty(in_features, rank, **factory))
-        self.register_buffer("lora_B", torch.empty(rank, out_features, **factory))
+        self.num_adapters = num_adapters
         self.lora_R = nn.Parameter(torch.empty(num_adapters, rank, rank, device=self.weight.device,
                                                dtype=r_dtype or self.weight.dtype))
         # The row-to-adapter mapping set by use_adapters (forward's adapter_ids wins over it).
         self.active_adapter_ids: torch.Tensor | None = None
         if not self.weight.is_meta:
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-            if self.bias is not None:
-                bound = 1 / math.sqrt(in_features)
-                nn.init.uniform_(self.bias, -bound, bound)
-            with torch.no_grad():
-                A, B = svd_factors(self.weight, rank)
-                self.lora_A.copy_(A)
-                self.lora_B.copy_(B)
+            init_like_linear(self)
+            set_basis(self)
             for i in range(num_adapters):
                 self.reset_adapter(i, r_init)
 
@@ -77,10 +56,7 @@ class MultiLoRAXSLinear(nn.Module):
         layer = cls(in_features, out_features, rank, num_adapters, bias=bias is not None, scaling=scaling,
                     device="meta", dtype=weight.dtype, **kwargs)
         layer = attach_base(layer, linear, rank, share_weight=share_weight, basis=basis)
-        with torch.no_grad():
-            A, B = basis if basis is not None else svd_factors(layer.weight, rank)
-            layer.lora_A.copy_(A)
-            layer.lora_B.copy_(B)
+        set_basis(layer, basis)
         for i in range(num_adapters):
             layer.reset_adapter(i, kwargs.get("r_init", "normal"))
         return layer
