@@ -1,4 +1,4 @@
-"""python -m benchmarks [--preset quick|full|smoke|multi|overhead] [--device auto|cpu|cuda] [--providers a,b]
+"""python -m benchmarks [--preset quick|full|smoke|multi|overhead|init|e2e|store] [--device auto|cpu|cuda] [--providers a,b]
                      [--modes forward,backward,full] [--dtypes bf16,fp16] [--out DIR] [--no-plots]
                      [--key-only] [--min-reps N] [--threads N] [--wait-quiet S]
 
@@ -32,6 +32,10 @@ from .providers import Built, Provider, make_inputs, select
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BUSY_FRAC = 0.25  # other processes' CPU share above which a CPU measurement counts as disturbed
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Presets that measure something other than one layer's providers: each is a module of this package
+# with run(device, out_dir, log, quick=False) -> list of records, which writes <name>.md (printed at the
+# end) and <name>.json into out_dir.
+MODEL_PRESETS = {"overhead": "overhead", "init": "init", "e2e": "e2e", "store": "store"}
 
 
 def _csv(text: str | None) -> list[str]:
@@ -40,9 +44,12 @@ def _csv(text: str | None) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
-    p.add_argument("--preset", choices=PRESETS + ("overhead",), default="quick",
+    p.add_argument("--preset", choices=PRESETS + tuple(MODEL_PRESETS), default="quick",
                    help="quick (default; minutes), full (every shape, M, rank and dtype), smoke (seconds), "
-                        "overhead (µs per call at tiny shapes: the host's cost; benchmarks/overhead.py)")
+                        "overhead (µs per call at tiny shapes: the host's cost; benchmarks/overhead.py), "
+                        "init (SVD initialisation, adapter save/load; benchmarks/init.py), "
+                        "e2e (training steps of whole models against PEFT; benchmarks/e2e.py), "
+                        "store (many adapters behind one model; benchmarks/store.py)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when a GPU is visible, else cpu")
     p.add_argument("--providers", help="comma-separated subset (default: all)")
@@ -254,13 +261,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    if args.preset == "overhead":
-        from . import overhead
-
+    if args.preset in MODEL_PRESETS:
+        module = importlib.import_module(f".{MODEL_PRESETS[args.preset]}", __package__)
         out_dir = Path(args.out) if args.out else default_out(device)
-        records = overhead.run(device, out_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
-        print((out_dir / "overhead.md").read_text())
-        return {"overhead": records}
+        records = module.run(device, out_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
+        print((out_dir / f"{args.preset}.md").read_text())
+        return {args.preset: records}
     providers = select(_csv(args.providers), args.preset)
     modes = [m for m in MODES if m in _csv(args.modes)] or list(MODES)
     cases = cases_for(args.preset, device, tuple(_csv(args.dtypes)) or None)

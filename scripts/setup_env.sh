@@ -25,7 +25,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 COMMON=${LORAXS_COMMON_REQUIREMENTS:-requirements/common.txt}
 # The Triton range the kernels are written for (docs/gpu-without-gpu.md: 3.6 through 3.9).
-TRITON_REQ=${LORAXS_TRITON_REQUIREMENT:-triton>=3.6}
+TRITON_REQ=${LORAXS_TRITON_REQUIREMENT:-triton>=3.6,<3.10}
 PLAN=${LORAXS_SETUP_PLAN:-0}
 PROBE=scripts/env_probe.py
 

@@ -374,12 +374,23 @@ def test_minilm_adapter_from_fp32_loads_into_bf16_base(tmp_path):
     assert layer.weight.dtype == torch.bfloat16 and layer.lora_R.dtype == torch.float32
     h16, _ = outputs(bf16, ids)
     plain16, _ = outputs(minilm().to(torch.bfloat16), ids)
-    # The loaded bf16 model is as close to the fp32 adapted run as the bf16 base is to the fp32 base,
-    # while the adapter itself moves the output by far more: the adapter came through intact.
+    # The bound is measured on the running machine, not taken from one machine's error: bf16's rounding
+    # of this model differs between CPUs (AVX-512 or not, AMD or Intel; on an AMD EPYC without AVX-512 the
+    # error was ~10 % of the adapter's effect, on this project's Intel Xeon far less). The loaded bf16
+    # model must be as close to the fp32 adapted run as the bf16 base is to the fp32 base (base_err: this
+    # machine's bf16 error on the same model and inputs, with slack for the adapter's own rounding).
     err, base_err = (h16 - h).abs().max().item(), (plain16 - base_h).abs().max().item()
-    moved = (h - base_h).abs().max().item()
-    assert err <= 1.5 * base_err + 1e-3, (err, base_err)
-    assert moved > 10 * err, (moved, err)
+    tol = 1.5 * base_err + 1e-3
+    assert err <= tol, (err, base_err)
+    # The same bound rejects what a lost adapter would give, on this machine: the bf16 model without the
+    # adapter (a dropped R), and with the adapter at twice its scaling (a doubled scaling).
+    dropped = (plain16 - h).abs().max().item()
+    assert dropped > tol, (dropped, tol)
+    for _, layer in bf16.named_modules():
+        if hasattr(layer, "lora_R"):
+            layer.scaling *= 2
+    doubled = (outputs(bf16, ids)[0] - h).abs().max().item()
+    assert doubled > tol, (doubled, tol)
 
 
 def test_minilm_fingerprint_refuses_another_checkpoint(tmp_path):
