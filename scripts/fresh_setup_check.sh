@@ -4,9 +4,10 @@
 #
 #   scripts/fresh_setup_check.sh PYTHON [WORKDIR]      e.g. ~/.pyenv/versions/3.12.1/bin/python
 #
-# Clones HEAD of this repository into WORKDIR/repo, runs `PYTHON=... make test` there with its own pip cache
-# (WORKDIR/pip-cache, so that its size is what was downloaded), and prints the wall time, the bytes downloaded
-# and the venv's size. Exit status: make's.
+# Clones HEAD of this repository into WORKDIR/repo, runs `PYTHON=... make test` there with an empty pip cache
+# of its own, and prints the wall time, the bytes the machine received meanwhile (every interface's rx counter
+# in /proc/net/dev: the downloads, plus whatever else the machine fetched in that time) and the venv's size.
+# Exit status: make's.
 set -uo pipefail
 py=${1:?usage: fresh_setup_check.sh PYTHON [WORKDIR]}
 work=${2:-$(mktemp -d /tmp/loraxs-fresh.XXXXXX)}
@@ -17,11 +18,14 @@ if "$py" -c 'import torch' 2>/dev/null; then echo "fresh_setup_check: $py alread
 unset PIP_FIND_LINKS PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_CONSTRAINT PIP_NO_INDEX
 export PIP_CONFIG_FILE=/dev/null PIP_CACHE_DIR="$work/pip-cache"
 cd "$work/repo"
+rx() { awk 'NR > 2 && $1 != "lo:" { s += $2 } END { print s + 0 }' /proc/net/dev; }
+rx0=$(rx)
 start=$(date +%s)
 PYTHON="$py" make test > "$work/make-test.log" 2>&1
 rc=$?
 end=$(date +%s)
+rx1=$(rx)
 tail -n 3 "$work/make-test.log"
 echo "fresh_setup_check: $("$py" --version) commit $(git rev-parse --short HEAD): make test exit $rc in $((end - start)) s;" \
-     "downloaded $(du -sh "$work/pip-cache" | cut -f1) (pip cache), venv $(du -sh .venv | cut -f1); log $work/make-test.log"
+     "received $(( (rx1 - rx0) / 1000000 )) MB, venv $(du -sh .venv | cut -f1); log $work/make-test.log"
 exit $rc
