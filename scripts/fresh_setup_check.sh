@@ -18,7 +18,7 @@ if "$py" -c 'import torch' 2>/dev/null; then echo "fresh_setup_check: $py alread
 unset PIP_FIND_LINKS PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_CONSTRAINT PIP_NO_INDEX
 export PIP_CONFIG_FILE=/dev/null PIP_CACHE_DIR="$work/pip-cache"
 cd "$work/repo"
-rx() { awk 'NR > 2 && $1 != "lo:" { s += $2 } END { print s + 0 }' /proc/net/dev; }
+rx() { awk 'NR > 2 && $1 != "lo:" { s += $2 } END { printf "%.0f\n", s }' /proc/net/dev; }
 rx0=$(rx)
 start=$(date +%s)
 PYTHON="$py" make test > "$work/make-test.log" 2>&1
