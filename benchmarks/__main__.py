@@ -36,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # with run(device, out_dir, log, quick=False) -> list of records, which writes <name>.md (printed at the
 # end) and <name>.json into out_dir.
 MODEL_PRESETS = {"overhead": "overhead", "init": "init", "e2e": "e2e", "store": "store"}
+DEFAULT_MODEL_PRESETS = ("e2e", "store")  # appended, small (quick=True), to the default run (make bench)
 
 
 def _csv(text: str | None) -> list[str]:
@@ -348,7 +349,20 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"         {paths['json']}")
     for png in paths["plots"]:
         print(f"         {png}")
-    return {"out_dir": out_dir, "records": records, "skipped": skipped, "errors": errors, **paths}
+    model_runs = {}
+    if args.preset == "quick" and not args.key_only and not args.providers:
+        # The main job shows whole models too: a small training step against PEFT (e2e) and a Zipf stream over
+        # 1,000 adapters behind one model (store), each in its own subfolder; a failure there is reported, not fatal.
+        for name in DEFAULT_MODEL_PRESETS:
+            sub = out_dir / name
+            try:
+                module = importlib.import_module(f".{MODEL_PRESETS[name]}", __package__)
+                model_runs[name] = module.run(device, sub, log=log, quick=True)
+                print((sub / f"{name}.md").read_text())
+            except Exception as e:  # noqa: BLE001  (one section failing must not hide the others)
+                print(f"{name}: failed: {_one_line(e)}")
+                errors.append({"preset": name, "error": _one_line(e)})
+    return {"out_dir": out_dir, "records": records, "skipped": skipped, "errors": errors, **paths, **model_runs}
 
 
 if __name__ == "__main__":

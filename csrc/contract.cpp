@@ -118,7 +118,8 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& xa, con
                 " but grad_out is on ", grad_out.device());
   }
   if (!need_R) return;  // xa is read only for grad_R (an empty placeholder otherwise)
-  const int64_t M = grad_out.numel() / weight.size(0);
+  // The rows are counted from the leading dims, not numel / out_features: out_features may be 0.
+  const int64_t M = c10::multiply_integers(grad_out.sizes().slice(0, grad_out.dim() - 1));
   TORCH_CHECK_VALUE(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == A.size(1), "loraxs.linear_bwd: xa must be (",
                     M, ", ", A.size(1), "), got ", shape_str(xa));
   TORCH_CHECK_TYPE(xa.scalar_type() == dt, "loraxs.linear_bwd: xa has dtype ", dtype_str(xa.scalar_type()),
@@ -128,13 +129,13 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& xa, con
 }
 
 void check_frozen(const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& A,
-                  const at::Tensor& B) {
+                  const at::Tensor& B, const char* op, const char* reference) {
   const std::pair<const char*, const at::Tensor*> frozen[] = {
       {"weight", &weight}, {"bias", bias.has_value() ? &*bias : nullptr}, {"A", &A}, {"B", &B}};
   for (const auto& [name, t] : frozen) {
-    TORCH_CHECK(t == nullptr || !t->requires_grad(), "loraxs.linear computes gradients for x and R only, but ", name,
-                " ", shape_str(*t),
-                " requires grad; freeze it (requires_grad_(False)) or use loraxs_kernels.reference.loraxs_linear");
+    TORCH_CHECK(t == nullptr || !t->requires_grad(), op, " computes gradients for x and R only, but ", name, " ",
+                shape_str(*t), " requires grad; freeze it (requires_grad_(False)) or use loraxs_kernels.reference.",
+                reference);
   }
 }
 

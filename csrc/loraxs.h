@@ -40,9 +40,11 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::opti
                   const at::Tensor& A, const at::Tensor& R, const at::Tensor& B);
 void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
                            const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, bool need_R);
-// The op differentiates x and R only: a frozen tensor that asks for a gradient is a bug upstream.
+// The op differentiates x and R only: a frozen tensor that asks for a gradient is a bug upstream. `op`
+// and `reference` name the op and its plain-autograd twin in loraxs_kernels.reference (the many-adapter
+// op passes its own names).
 void check_frozen(const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& A,
-                  const at::Tensor& B);
+                  const at::Tensor& B, const char* op = "loraxs.linear", const char* reference = "loraxs_linear");
 
 // Autocast's casts for a layer, as F.linear's: floating tensors other than fp64 go to the autocast
 // dtype; an fp32 R (a master weight) stays fp32. nullopt when autocast is off for x's device.
@@ -91,14 +93,17 @@ Bwd aten_backward(const at::Tensor& grad_out, const at::Tensor& xa, const at::Te
 // int64, values in [-1, n); -1 = the base layer alone) picks one per row, and row i gets the scaling
 // s·adapter_scaling[id_i] (just s without the optional (n,) tensor). Schemas in multi.cpp.
 // The whole contract, ids' values included, runs before any kernel: an id past the bank would read
-// past R's end on a GPU.
+// past R's end on a GPU. ids_on_host = false skips the values (two scalars copied to the host, which a
+// CUDA graph cannot capture): the CUDA binding passes it while its stream is capturing and checks the
+// values on the device instead (torch._assert_async with ids_range_message, before any kernel).
 void check_multi_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, const at::Tensor& adapter_ids,
-                        const std::optional<at::Tensor>& adapter_scaling);
+                        const std::optional<at::Tensor>& adapter_scaling, bool ids_on_host = true);
 void check_multi_backward_inputs(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
                                  const at::Tensor& A, const at::Tensor& R, const at::Tensor& B,
                                  const at::Tensor& adapter_ids, const std::optional<at::Tensor>& adapter_scaling,
-                                 bool need_R);
+                                 bool need_R, bool ids_on_host = true);
+std::string ids_range_message(const at::Tensor& R);
 void check_multi_frozen(const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& A,
                         const at::Tensor& B, const std::optional<at::Tensor>& adapter_scaling);
 
@@ -121,6 +126,8 @@ Bwd call_python_multi_bwd(const at::Tensor& g2, const at::Tensor& xa, const at::
 
 // Shapes shared by every kernel: x (..., in) seen as (M, in), and outputs with x's leading dims.
 at::DimVector with_last(at::IntArrayRef lead_and_last, int64_t last);
+// t (..., last) as (M, last), M the product of the leading dims (a view where possible; t when 2-D).
+at::Tensor as_rows(const at::Tensor& t);
 // A fresh (M, n) result given x's leading dims without making it a view (FSDP2 and in-place ops
 // treat views specially; an op output must not be one).
 at::Tensor unflatten_fresh(const at::Tensor& t2, at::IntArrayRef lead_and_last, int64_t last);

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <string>
 
 #include "loraxs.h"
 
@@ -23,14 +24,14 @@ void check_bank(const at::Tensor& A, const at::Tensor& R) {
 
 // Types, shape and device of the ids against the rows they label, then their values.
 void check_ids(const at::Tensor& ids, at::IntArrayRef lead, const at::Device& device, const at::Tensor& R,
-               const char* rows) {
+               const char* rows, bool values_on_host) {
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, "adapter_ids has dtype ",
                    dtype_str(ids.scalar_type()), "; it must be torch.int32 or torch.int64");
   TORCH_CHECK_VALUE(ids.sizes() == lead, "adapter_ids must have shape ", rows, ".shape[:-1] = ", dims_str(lead),
                     " (one id per row), got ", shape_str(ids));
   TORCH_CHECK(ids.device() == device, "adapter_ids is on ", ids.device(), " but ", rows, " is on ", device,
               "; all tensors must be on one device");
-  if (ids.numel() == 0) return;
+  if (ids.numel() == 0 || !values_on_host) return;
   const int64_t n = R.size(0);
   // Two scalars to the host (a sync on a GPU): the price of never reading R past its end.
   auto [lo, hi] = at::aminmax(ids);
@@ -60,26 +61,33 @@ void check_adapter_scaling(const std::optional<at::Tensor>& s, const at::Tensor&
 
 void check_multi_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, const at::Tensor& adapter_ids,
-                        const std::optional<at::Tensor>& adapter_scaling) {
+                        const std::optional<at::Tensor>& adapter_scaling, bool ids_on_host) {
   check_bank(A, R);
   check_inputs(x, weight, bias, A, R.select(0, 0), B);
   check_adapter_scaling(adapter_scaling, R, x.device());
-  check_ids(adapter_ids, x.sizes().slice(0, x.dim() - 1), x.device(), R, "x");
+  check_ids(adapter_ids, x.sizes().slice(0, x.dim() - 1), x.device(), R, "x", ids_on_host);
 }
 
 void check_multi_backward_inputs(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
                                  const at::Tensor& A, const at::Tensor& R, const at::Tensor& B,
                                  const at::Tensor& adapter_ids, const std::optional<at::Tensor>& adapter_scaling,
-                                 bool need_R) {
+                                 bool need_R, bool ids_on_host) {
   check_bank(A, R);
   check_backward_inputs(grad_out, xa, weight, A, R.select(0, 0), B, need_R);
   check_adapter_scaling(adapter_scaling, R, grad_out.device());
-  check_ids(adapter_ids, grad_out.sizes().slice(0, grad_out.dim() - 1), grad_out.device(), R, "grad_out");
+  check_ids(adapter_ids, grad_out.sizes().slice(0, grad_out.dim() - 1), grad_out.device(), R, "grad_out",
+            ids_on_host);
+}
+
+std::string ids_range_message(const at::Tensor& R) {
+  return "adapter_ids must be in [-1, " + std::to_string(R.size(0)) + ") for a bank of " +
+         std::to_string(R.size(0)) + " adapters (R " + shape_str(R) +
+         "), checked on the device during CUDA-graph capture";
 }
 
 void check_multi_frozen(const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& A,
                         const at::Tensor& B, const std::optional<at::Tensor>& adapter_scaling) {
-  check_frozen(weight, bias, A, B);
+  check_frozen(weight, bias, A, B, "loraxs.linear_multi", "loraxs_linear_multi");
   TORCH_CHECK(!adapter_scaling.has_value() || !adapter_scaling->requires_grad(),
               "loraxs.linear_multi computes gradients for x and R only, but adapter_scaling ",
               shape_str(*adapter_scaling), " requires grad; detach it");

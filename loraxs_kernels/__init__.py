@@ -16,7 +16,8 @@ from .modules import (MultiLoRAXSLinear, read_adapter_slot, reset_adapter_slot, 
                       write_adapter_slot)
 from . import interop
 from .adapters import fingerprint, load_adapter, save_adapter
-from .interop import export_peft_lora
+from .interop import Acceleration, accelerate_peft, export_peft_lora
+from .store import AdapterStore
 
 __all__ = [
     "loraxs_linear",
@@ -36,6 +37,9 @@ __all__ = [
     "load_adapter",
     "fingerprint",
     "export_peft_lora",
+    "accelerate_peft",
+    "Acceleration",
+    "AdapterStore",
     "interop",
 ]
 __version__ = "0.1.0"

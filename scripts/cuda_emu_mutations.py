@@ -41,7 +41,8 @@ TESTS = {
 # The many-adapter kernels (issue 11): pytest -k over tests/test_cuda_emu_multi.py ids. A mutation in a
 # file listed in both runs both selections.
 MULTI_TESTS = {
-    "multi.cuh": "test_multi_tiled or test_multi_racecheck or test_multi_no_adapter or test_multi_grad_r",
+    "multi.cuh": "test_multi_tiled or test_multi_racecheck or test_multi_no_adapter or test_multi_grad_r"
+                 " or out_of_range or whatever_its_scaling",
     "adapters.cuh": "test_multi_tiled and (i32 or n300) or test_multi_decode",
     "decode.cuh": "test_multi_decode or test_multi_racecheck and decode",
 }
@@ -73,6 +74,7 @@ BOUNDS = [
     ("multi.cuh", "if (j < r) out[j] =", "out[j] =", 0),                                    # columns past r
     ("multi.cuh", "const bool row_ok = p < p_end;", "const bool row_ok = true;", 0),        # rows past a segment
     ("multi.cuh", "if (i < a.r && j < a.r)", "if (true)", 0),                              # grad_R tile edge
+    ("multi.cuh", "const int64_t id = raw < a.n ? raw : -1;", "const int64_t id = raw;", 0),  # ids past the bank
 ]
 
 # Planted semantic faults: (file, text, replacement, occurrence, what it models).
@@ -89,6 +91,9 @@ FAULTS = [
     ("multi.cuh", "adapter_scaling_of(a.scaling, a.adapter_scale, k)", "a.scaling", 0,
      "the per-adapter scaling ignored in grad_R"),
     ("multi.cuh", "if (id < 0) {", "if (false) {", 0, "rows with id -1 not zeroed in t / v"),
+    ("multi.cuh", "const Acc s = p_end > p_begin ? static_cast<Acc>(adapter_scaling_of(a.scaling, a.adapter_scale, k)) : Acc(0);",
+     "const Acc s = static_cast<Acc>(adapter_scaling_of(a.scaling, a.adapter_scale, k));", 0,
+     "an unused adapter's grad_R scaled by its (inf/NaN) scaling"),
     ("adapters.cuh", "return type == IndexType::kInt64 ?", "return true ?", 0, "int32 ids read as int64"),
     ("decode.cuh", "const RT* R = static_cast<const RT*>(a.R) + id * a.s_rn;",
      "const RT* R = static_cast<const RT*>(a.R) + (m == 0 ? id ^ 1 : id) * a.s_rn;", 0,

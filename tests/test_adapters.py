@@ -81,13 +81,15 @@ def _trained_toy(tmp_path, **save_kw):
 def test_apply_targets_by_name_path_and_regex():
     by_name = apply_loraxs(Toy(), 2, ["q_proj"])
     by_path = apply_loraxs(Toy(), 2, ["block.q_proj"])
-    by_regex = apply_loraxs(Toy(), 2, [r"block\.(q|v)_proj"])
+    by_regex = apply_loraxs(Toy(), 2, r"block\.(q|v)_proj")  # a single string: re.fullmatch (PEFT's rule)
     adapted = lambda m: sorted(n for n, x in m.named_modules() if isinstance(x, FusedLoRAXSLinear))
     assert adapted(by_name) == adapted(by_path) == ["block.q_proj"]
     assert adapted(by_regex) == ["block.q_proj", "block.v_proj"]
-    # A regex must match the whole path: "q_" alone is neither a name, a path, nor a full match.
-    with pytest.raises(ValueError, match="no nn.Linear named any of"):
+    # A list entry is a path or a suffix after a '.': "q_" is neither; a string must match the whole path.
+    with pytest.raises(ValueError, match="found no layer to adapt: 'q_' matches no module"):
         apply_loraxs(Toy(), 2, ["q_"])
+    with pytest.raises(ValueError, match="found no layer to adapt: 'q_proj' matches no module"):
+        apply_loraxs(Toy(), 2, "q_proj")
 
 
 def test_apply_reuses_the_base_weight_tensor():
@@ -108,7 +110,8 @@ def test_modules_to_save_trainable_and_recorded():
         apply_loraxs(Toy(), 4, ["q_proj"], modules_to_save=["nope"])
     untouched = Toy()
     snap = _snapshot(untouched)
-    with pytest.raises(ValueError, match="a layer LoRA-XS adapts"):
+    # PEFT's rule: a layer inside modules_to_save trains whole and is never adapted.
+    with pytest.raises(ValueError, match="'q_proj' matches only layers inside modules_to_save"):
         apply_loraxs(untouched, 4, ["q_proj"], modules_to_save=["block"])
     _assert_unchanged(untouched, snap)
 
@@ -160,7 +163,7 @@ def test_round_trip_into_existing_loraxs_layers(tmp_path):
 
 def test_file_holds_R_only(tmp_path):
     model, path = _trained_toy(tmp_path)
-    tensors = load_file(str(path / "adapter_model.safetensors"))
+    tensors = {k.removeprefix("base_model.model."): v for k, v in load_file(str(path / "adapter_model.safetensors")).items()}
     cfg = json.loads((path / "adapter_config.json").read_text())
     layers = ["block.q_proj", "block.v_proj", "block.up", "block.down"]
     assert cfg["format"] == "loraxs-kernels-adapter" and cfg["rank"] == 4 and cfg["scaling"] == 1.5
@@ -170,7 +173,7 @@ def test_file_holds_R_only(tmp_path):
     assert set(tensors) == expect
     assert all(tensors[f"{p}.lora_R"].shape == (4, 4) for p in layers)
     full = save_adapter(model, tmp_path / "full", include_basis=True)
-    assert {f"{p}.lora_A" for p in layers} <= set(load_file(str(full / "adapter_model.safetensors")))
+    assert {f"base_model.model.{p}.lora_A" for p in layers} <= set(load_file(str(full / "adapter_model.safetensors")))
 
 
 def test_ill_conditioned_layer_stores_its_basis(tmp_path):
@@ -183,7 +186,7 @@ def test_ill_conditioned_layer_stores_its_basis(tmp_path):
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
     with torch.no_grad():
         model[0].weight.copy_((U * s) @ V.t())
-    apply_loraxs(model, 4, [r"\d"])
+    apply_loraxs(model, 4, r"\d")
     save_adapter(model, tmp_path / "ad")
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["layers"]
     assert cfg["0"]["basis"] == "stored" and cfg["0"]["min_relative_gap"] < GAP_THRESHOLD
@@ -214,6 +217,7 @@ def _break(path, edit):
 
 def _set_tensor(path, key, fn):
     tensors = load_file(str(path / "adapter_model.safetensors"))
+    key = "base_model.model." + key  # format_version 2 spells keys as PEFT does
     tensors[key] = fn(tensors[key])
     save_file(tensors, str(path / "adapter_model.safetensors"))
 

@@ -87,7 +87,8 @@ def test_slot_file_is_an_ordinary_adapter_file(tmp_path):
     model = multi_toy()
     save_adapter(model, tmp_path / "slot2", slot=2)
     cfg = json.loads((tmp_path / "slot2" / "adapter_config.json").read_text())
-    tensors = load_file(str(tmp_path / "slot2" / "adapter_model.safetensors"))
+    tensors = {k.removeprefix("base_model.model."): v
+               for k, v in load_file(str(tmp_path / "slot2" / "adapter_model.safetensors")).items()}
     assert cfg["target_modules"] == LAYERS and cfg["rank"] == 4 and cfg["scaling"] == 1.5
     assert all(cfg["layers"][p]["basis"] == "svd" for p in LAYERS)
     assert set(tensors) == {f"{p}.lora_R" for p in LAYERS}

@@ -20,6 +20,7 @@ a few under racecheck (TSan). grad_R bitwise identical across two runs.
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -296,3 +297,55 @@ def test_multi_racecheck(kind, case, dtype):
     gx, gR = backward(req, L, xa)
     req.run("racecheck")
     check_layer(L, y, xa, gx, gR, f"racecheck {kind}")
+
+
+# ------------------------------------------------------------------- issue 19: the GPU defects found by reading
+def test_multi_fp32_bank_beside_fp64_layer():
+    """The contract takes an fp32 R beside an fp64 layer; the kernels now do too (bank_dtype_ok refused it:
+    "CUDA error: invalid argument"). The bank is widened as it is read; grad_R comes back in fp32."""
+    L = MultiLayer(37, 45, 37, 20, 5, torch.float64, r_master=True, adapter_scaling=True, pool=[0, 2, 3], seed=11)
+    assert L.R.dtype == torch.float32
+    req = cuda_emu.Request()
+    y, xa = forward_tiled(req, L)
+    gx, gR = backward(req, L, xa)
+    req.run()
+    check_layer(L, y, xa, gx, None, "fp32 bank, fp64 layer")
+    _, _, gR_ref = L.reference()
+    assert gR.dtype == torch.float32
+    # One more rounding than the fp64 sum: to the bank's fp32.
+    check(gR, gR_ref, L.bounds()[2], torch.float32, depths(L.in_f, L.out_f, L.r, L.M)[2], "grad_R (fp32)")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
+def test_multi_unused_adapter_gradient_is_zero_whatever_its_scaling(dtype):
+    """adapter_scaling may hold inf or NaN in slots no row uses (a torch.empty tensor): multi_grad_r stored
+    s_k·0 = NaN there before; now exact zeros, and the used adapters are unchanged."""
+    L = MultiLayer(40, 24, 20, 8, 5, dtype, pool=[0, 2, 3], adapter_scaling=True, seed=3)
+    L.sa[1], L.sa[4] = math.inf, math.nan
+    L.sa64 = L.sa.to(torch.float64).contiguous()
+    req = cuda_emu.Request()
+    y, xa = forward_tiled(req, L)
+    gx, gR = backward(req, L, xa)
+    req.run()
+    check_layer(L, y, xa, gx, gR, "inf/NaN scaling in unused slots")  # asserts grad_R[1], grad_R[4] == 0
+    assert torch.equal(gR[[1, 4]], torch.zeros_like(gR[[1, 4]]))
+
+
+@pytest.mark.parametrize("bad_id", [5, 1 << 40, -7], ids=["n", "huge", "below-minus-one"])
+def test_multi_rows_out_of_range_id_reads_nothing(bad_id):
+    """An id outside [-1, n) reaches the kernels only inside a CUDA-graph capture (the binding then
+    checks the ids on the device with torch._assert_async instead of on the host). The kernel maps it
+    to the base row: zeros, no read past the bank (memcheck), the other rows unchanged."""
+    L = MultiLayer(20, 24, 20, 8, 5, torch.float32, minus=0, seed=9)
+    ids = L.ids.clone()
+    ids[3] = bad_id
+    xa = d64(L.x).to(torch.float32) @ L.A
+    t = torch.empty(L.M, L.r, dtype=torch.float32)
+    req = cuda_emu.Request()
+    cuda_emu.multi_rows_call(req, t, xa, L.R, ids, SCALING, None)
+    req.run()
+    assert torch.equal(t[3], torch.zeros(L.r)), t[3]
+    ok = torch.arange(L.M) != 3
+    expected = SCALING * torch.bmm(xa[ok].double().unsqueeze(1), L.R.double()[ids[ok]]).squeeze(1)
+    bound = abs(SCALING) * torch.bmm(xa[ok].double().abs().unsqueeze(1), L.R.double().abs()[ids[ok]]).squeeze(1)
+    assert_within_bound(t[ok], expected, bound, torch.float32, "multi_rows, the other rows", L.r)

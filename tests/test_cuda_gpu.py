@@ -393,3 +393,129 @@ def test_multi_sanitizer_small(small_m_path, dtype):
     """Small enough for compute-sanitizer: decode or tiled forward with per-row R, both backward kernels."""
     check_multi(*multi_inputs(3, 40, 24, 4, 3, dtype, scale=True, minus=2), dtype, f"sanitizer multi {small_m_path}")
     check_multi(*multi_inputs(19, 40, 24, 4, 3, dtype), dtype, "sanitizer multi M=19")
+
+
+# ------------------------------------------------------------- issue 19: the many-adapter op's GPU defects
+def _cuda_multi_backends():
+    out = ["cuda", "torch", "auto"]
+    if backends.unavailable_reason("triton", DEVICE) is None:
+        out.append("triton")
+    return out
+
+
+@pytest.mark.parametrize("backend", _cuda_multi_backends())
+def test_multi_fp32_bank_beside_fp64_layer(backend):
+    """The contract takes an fp32 bank beside an fp64 layer; every CUDA backend runs it (backend "cuda"
+    failed with "CUDA error: invalid argument"). Checked within fp32's bounds (grad_R is fp32)."""
+    args = multi_inputs(50, 96, 64, 8, 6, torch.float64, r_dtype=torch.float32, scale=True)
+    check_multi(*args, torch.float32, f"fp32 bank beside fp64, {backend}", backend=backend)
+
+
+@pytest.mark.parametrize("backend", _cuda_multi_backends())
+def test_multi_unused_slot_with_inf_and_nan_scaling(backend):
+    """inf and NaN in adapter_scaling slots no row uses: their gradient is exactly 0 (check_multi asserts
+    it for every unused adapter) and the rest matches the reference."""
+    x, w, b, A, R, B, ids, sa = multi_inputs(64, 96, 64, 8, 5, torch.float32, pool=[0, 2, 3], scale=True)
+    sa[1], sa[4] = float("inf"), float("nan")
+    check_multi(x, w, b, A, R, B, ids, sa, torch.float32, f"inf/NaN unused, {backend}", backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_multi_grad_R_is_deterministic_on_the_aten_schedule(dtype):
+    """Backend "torch" (what "auto" runs for fp64 and strict fp32): grad_R by segment_reduce over the
+    sorted rows, no index_add_ (float atomics): the same bits run to run."""
+    x, w, b, A, R, B, ids, _ = multi_inputs(5000, 128, 96, 32, 12, dtype)
+    runs, g = [], None
+    for _ in range(3):
+        R.grad = None
+        y = loraxs_linear_multi(x, w, b, A, R, B, ids, SCALING, backend="torch")
+        g = grad_like(y) if g is None else g
+        y.backward(g)
+        runs.append(R.grad.clone())
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+@pytest.mark.parametrize("backend", _cuda_multi_backends())
+def test_multi_captured_in_a_cuda_graph(backend):
+    """Forward and backward of linear_multi captured in a CUDA graph (no host sync on any backend), replayed:
+    the eager bits; new ids written into the static ids tensor are followed by the replay."""
+    dtype = torch.float64 if backend in ("torch", "auto") else torch.bfloat16
+    x, w, b, A, R, B, ids, sa = multi_inputs(24, 64, 48, 8, 6, dtype, scale=True)
+    s = sa * SCALING
+    g = torch.randn(24, 48, device="cuda", dtype=dtype)
+
+    def step():
+        y = loraxs_linear_multi(x, w, b, A, R, B, ids, s, backend=backend)
+        return (y, *torch.autograd.grad(y, (x, R), g))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compiles Triton kernels, warms the allocator
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    for new_ids in (ids.clone(), torch.flip(ids, (0,)).clone()):
+        ids.copy_(new_ids)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = step()
+        for a, e in zip(static, eager):
+            assert torch.equal(a, e), backend
+
+
+def test_multi_out_of_range_id_inside_a_captured_graph_still_raises():
+    """Inside a capture the ids are checked on the device (torch._assert_async before every kernel): an id
+    written past the bank before a replay raises at the next sync and reads nothing past R. In a child
+    process: a device-side assert leaves that process's CUDA context unusable."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch, loraxs_kernels as lk
+        d = "cuda"
+        x = torch.randn(8, 32, device=d); w = torch.randn(24, 32, device=d); A = torch.randn(32, 4, device=d)
+        B = torch.randn(4, 24, device=d); R = torch.randn(3, 4, 4, device=d)
+        ids = torch.zeros(8, dtype=torch.long, device=d)
+        for _ in range(2):
+            lk.loraxs_linear_multi(x, w, None, A, R, B, ids, backend="cuda")
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = lk.loraxs_linear_multi(x, w, None, A, R, B, ids, backend="cuda")
+        ids[5] = 3
+        try:
+            g.replay()
+            torch.cuda.synchronize()
+        except RuntimeError as e:
+            print("RAISED", str(e).splitlines()[0])
+        else:
+            print("NO ERROR")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "RAISED" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("backend", _cuda_multi_backends())
+@pytest.mark.parametrize("M,i,o", [(0, 16, 12), (5, 0, 12), (5, 16, 0)])
+def test_zero_size_layers(backend, M, i, o):
+    """M, in or out = 0 on every CUDA backend, both ops: y = the bias broadcast, zero gradients (no kernel
+    launched with a zero-width grid, no division by zero)."""
+    from loraxs_kernels import loraxs_linear as single
+
+    d = "cuda"
+    for multi in (False, True):
+        x = torch.randn(M, i, device=d, requires_grad=True)
+        w, bias = torch.randn(o, i, device=d), torch.randn(o, device=d)
+        A, B = torch.randn(i, 4, device=d), torch.randn(4, o, device=d)
+        R = torch.randn(*((3,) if multi else ()), 4, 4, device=d, requires_grad=True)
+        if multi:
+            y = loraxs_linear_multi(x, w, bias, A, R, B, torch.zeros(M, dtype=torch.long, device=d), backend=backend)
+        else:
+            y = single(x, w, bias, A, R, B, backend="triton" if backend == "triton" else backend)
+        assert torch.equal(y, bias.expand(M, o)), (backend, multi)
+        y.backward(torch.ones_like(y))
+        assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(R.grad, torch.zeros_like(R)), (backend, multi)

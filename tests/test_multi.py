@@ -6,6 +6,8 @@ use_adapters and apply_loraxs, the bank's slots, and a planted fault the parity 
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import pytest
 import torch
@@ -172,12 +174,15 @@ SCHEDULES = {"per-row": (400, 8, 9), "grouped": (600, 32, 3)}
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_cpu_schedule_choice(schedule):
-    """The cases above that claim a schedule run it: per row gathers R[id] into a batched product,
-    grouped sorts the rows and runs a GEMM per adapter (forward and backward)."""
+    """The cases above that claim a schedule run it: per row gathers R[id] into a batched product and
+    sums grad_R per adapter by segment_reduce over the rows sorted by adapter; grouped sorts the rows
+    and runs a GEMM per adapter (forward and backward)."""
     M, r, n = SCHEDULES[schedule]
     x, w, b, A, R, B, ids = make_multi((M,), 48, 40, r, n, torch.float32)
     ops = _aten_ops(lambda: loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids).sum().backward())
-    assert ("aten::bmm" in ops) == (schedule == "per-row") and ("aten::sort" in ops) == (schedule == "grouped"), ops
+    per_row = schedule == "per-row"
+    assert ("aten::bmm" in ops) == per_row and ("aten::segment_reduce" in ops) == per_row, ops
+    assert "aten::sort" in ops, ops
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
@@ -471,3 +476,168 @@ def test_bank_slots_read_write_reset():
         loraxs_kernels.write_adapter_slot(model, 1, {"0": torch.zeros(4, 4), "2": torch.zeros(3, 3)})
     assert torch.equal(model[0].lora_R[1], before["b"]["0"])  # the failed write touched nothing
 
+
+
+# ------------------------------------------- issue 19: the op's own words, and the fallback raising them
+FROZEN = ["weight", "bias", "A", "B", "adapter_scaling"]
+
+
+def _frozen_call(name):
+    x, w, b, A, R, B, ids = make_multi((5,), 16, 12, 4, 3)
+    args = dict(weight=w, bias=b, A=A, B=B, adapter_scaling=torch.ones(3))
+    args[name] = args[name].clone().requires_grad_()
+    return x, args["weight"], args["bias"], args["A"], R, args["B"], ids, args["adapter_scaling"]
+
+
+def _raised(fn):
+    try:
+        fn()
+    except Exception as e:  # the exception under test
+        return type(e), str(e).split("\n")[0]
+    raise AssertionError("no exception")
+
+
+@pytest.mark.parametrize("name", FROZEN)
+def test_frozen_messages_name_linear_multi_and_fallback_raises_the_same(name):
+    """check_multi_frozen names loraxs.linear_multi and reference.loraxs_linear_multi (not the single op's
+    words), and the build-less path (ops/multi.py _fallback) raises the same exception, word for word,
+    where it used to detach a scaling tensor that requires grad."""
+    from loraxs_kernels.ops import multi as multi_op
+
+    x, w, b, A, R, B, ids, s = _frozen_call(name)
+    op = _raised(lambda: torch.ops.loraxs.linear_multi(x, w, b, A, R, B, ids, 1.0, s))
+    public = _raised(lambda: loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, s))
+    with warnings.catch_warnings():  # its once-only "runs the plain-PyTorch reference" notice
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fallback = _raised(lambda: multi_op._fallback(x, w, b, A, R, B, ids, 1.0, s))
+    assert op == public == fallback, (op, public, fallback)
+    exc, msg = op
+    assert exc is RuntimeError and re.match(r"loraxs\.linear_multi computes gradients for x and R only, but "
+                                            + re.escape(name), msg), msg
+    if name != "adapter_scaling":
+        assert msg.endswith("or use loraxs_kernels.reference.loraxs_linear_multi"), msg
+        # What it suggests exists and takes the bank.
+        y = reference.loraxs_linear_multi(x, w, b, A, R, B, ids, s)
+        assert y.shape == (5, 12)
+
+
+def test_single_op_frozen_message_is_unchanged():
+    from loraxs_kernels.ops import fallback
+
+    x, w, b, A, R, B = make_inputs((5,), 16, 12, 4, requires_grad=False)
+    A = A.clone().requires_grad_()
+    cpp = _raised(lambda: loraxs_kernels.loraxs_linear(x, w, b, A, R, B))
+    py = _raised(lambda: fallback.linear(x, w, b, A, R, B, 1.0, "torch"))
+    assert cpp == py and cpp[1].endswith("or use loraxs_kernels.reference.loraxs_linear") and \
+        cpp[1].startswith("loraxs.linear computes"), (cpp, py)
+
+
+@pytest.mark.parametrize("make,exc,match", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_fallback_raises_what_the_op_raises(make, exc, match):
+    """The build-less path and the C++ op held to the same regexes on every bad input above."""
+    from loraxs_kernels.ops import multi as multi_op
+
+    a = make()
+    s = a.pop("scaling")
+    st = (1.0, s) if isinstance(s, torch.Tensor) else (s, None)
+    with pytest.raises(exc, match=match):
+        multi_op._fallback(*a.values(), *st)
+    with pytest.raises(exc, match=match):
+        torch.ops.loraxs.linear_multi(*a.values(), *st)
+
+
+# -------------------------------------------------- issue 19: the ATen schedules' GPU defects, checked on the CPU
+# "device": the plan the ATen schedule runs off the CPU (cuBLAS), forced here by LORAXS_MULTI_DEVICE_PLAN=1.
+PLANS = {"per-row": ((400, 8, 9), False), "grouped": ((600, 32, 3), False), "device": ((400, 8, 9), True)}
+
+
+def _ops_of(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return [(e.key if hasattr(e, "key") else e.name, e.input_shapes) for e in prof.events()]
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_bank_gradient_has_no_index_add_and_no_host_plan_off_the_cpu(plan, monkeypatch):
+    """No index_add_ in any schedule (on CUDA it sums with float atomics: other bits each run); the
+    device plan reads nothing back to the host (no bincount, no nonzero, no .item() beyond the ids check)
+    and still matches the reference, with grad_R the same bits on every run."""
+    (M, r, n), device = PLANS[plan]
+    if device:
+        monkeypatch.setenv("LORAXS_MULTI_DEVICE_PLAN", "1")
+    x, w, b, A, R, B, ids = make_multi((M,), 40, 36, r, n)
+    s = torch.linspace(0.5, 2.0, n)
+    runs = []
+
+    def step():
+        x.grad = R.grad = None
+        y = loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, s)
+        y.backward(torch.ones_like(y))
+        runs.append(R.grad.clone())
+
+    names = [name for name, _ in _ops_of(step)]
+    assert "aten::index_add_" not in names and "aten::index_add" not in names, names
+    if device:
+        assert not {"aten::bincount", "aten::nonzero"} & set(names), names
+        assert names.count("aten::_local_scalar_dense") <= 4, names  # aminmax of the ids: fwd and bwd
+    step()
+    assert torch.equal(runs[0], runs[1])
+    check_multi(multi(w, b, A, B, ids, s), (x, w, b, A, R, B, ids), s, torch.float32, plan)
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_no_whole_bank_conversion_per_call(plan, monkeypatch):
+    """An fp32 master bank of many adapters beside a bf16 layer: only the gathered rows' R are converted,
+    never the (n, r, r) bank (n·r² copied twice per step before)."""
+    (M, r, _), device = PLANS[plan]
+    if device:
+        monkeypatch.setenv("LORAXS_MULTI_DEVICE_PLAN", "1")
+    n = 997  # a size no other tensor has
+    x, w, b, A, R, B, ids = make_multi((M,), 40, 36, r, n, torch.bfloat16, r_dtype=torch.float32)
+    ids = ids % (3 if plan == "grouped" else n)
+
+    def step():
+        y = loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids)
+        y.backward(torch.ones_like(y))
+
+    whole = [(name, shapes) for name, shapes in _ops_of(step)
+             if name in ("aten::to", "aten::_to_copy", "aten::copy_") and shapes and list(shapes[0]) == [n, r, r]]
+    assert whole == [], whole
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+def test_unused_adapter_gradient_is_zero_whatever_its_scaling(plan, monkeypatch):
+    """inf and NaN in adapter_scaling slots no row uses (a torch.empty tensor's garbage) leave their
+    gradient exactly 0 and everything else as with finite values there."""
+    (M, r, n), device = PLANS[plan]
+    if device:
+        monkeypatch.setenv("LORAXS_MULTI_DEVICE_PLAN", "1")
+    x, w, b, A, R, B, ids = make_multi((M,), 40, 36, r, n)
+    ids = torch.where(ids == 1, 0, ids)  # adapters 1 and n - 1 unused
+    finite = torch.linspace(0.5, 2.0, n)
+    poisoned = finite.clone()
+    poisoned[1], poisoned[n - 1] = math.inf, math.nan
+    out = []
+    for s in (finite, poisoned):
+        x.grad = R.grad = None
+        y = loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, s)
+        y.backward(torch.ones_like(y))
+        out.append((y.detach(), x.grad.clone(), R.grad.clone()))
+    assert torch.equal(out[1][2][[1, n - 1]], torch.zeros(2, r, r))
+    assert all(torch.equal(a, b) for a, b in zip(out[0], out[1]))
+
+
+def test_fp32_bank_beside_fp64_layer_runs_on_the_cpu():
+    """The contract takes an fp32 R beside any layer dtype; the many-adapter op runs it on every backend
+    (the CUDA kernels' bank_dtype_ok refused it: tests/test_cuda_emu_multi.py checks them now)."""
+    inputs = make_multi((40,), 24, 20, 6, 4, torch.float64, r_dtype=torch.float32)
+    x, w, b, A, R, B, ids = inputs
+    y = loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, 0.5)
+    g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y.backward(g)
+    (y_ref, gx_ref, gR_ref), (sy, sx, sR) = reference_and_bounds(x, w, b, A, R, B, ids, 0.5, g)
+    dy, dx, dR = depths(24, 20, 6, 40)
+    assert_within_bound(y, y_ref, sy, torch.float64, "y", dy)
+    assert_within_bound(x.grad, gx_ref, sx, torch.float64, "grad_x", dx)
+    assert R.grad.dtype == torch.float32
+    assert_within_bound(R.grad, gR_ref, sR, torch.float32, "grad_R", dR)

@@ -341,3 +341,27 @@ def test_planted_fault_is_caught(name, fault, where, dtype):
     check(inputs, 0.75, dtype, "correct")  # the same inputs pass without the fault
     with pytest.raises(AssertionError, match=f"{where}: max error beyond"):
         check(inputs, 0.75, dtype, name, run=fault)
+
+
+# ------------------------------------------------------------------- issue 19: the GPU defects found by reading
+def test_fp32_bank_beside_fp64_layer():
+    """An fp32 bank beside an fp64 layer runs here as on every backend (the contract accepts it): y and
+    grad_x within fp64's bounds, grad_R in fp32 within fp32's (one more rounding, to the bank's dtype)."""
+    inputs = case((29,), 40, 24, 6, 4, torch.float64, r_dtype=torch.float32, ascale=True)
+    check(inputs, 1.5, torch.float64, "fp32 bank, fp64 layer", need_R=False)
+    x, w, b, A, R, B, ids, asc, g = inputs
+    _, _, _, gR = run_multi(x, w, b, A, R, B, ids, 1.5, asc, g, False, True)
+    (_, _, gR_ref), (_, _, sR) = reference_and_bounds(x, w, b, A, R, B, ids, 1.5 * asc.double(), g)
+    assert gR.dtype == torch.float32
+    assert_within_bound(gR, gR_ref, sR, torch.float32, "grad_R", depths(40, 24, 6, 29)[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_unused_adapter_gradient_is_zero_whatever_its_scaling(dtype):
+    """inf and NaN in adapter_scaling slots no row uses: their grad_R is exactly 0, the rest as usual."""
+    x, w, b, A, R, B, ids, asc, g = case((30,), 24, 20, 5, 5, dtype, ascale=True, seed=4)
+    ids = torch.where(ids % 5 == 1, 0, ids)  # adapter 1 unused (and 4: make_multi never draws n - 1)
+    asc = asc.clone()
+    asc[1], asc[4] = float("inf"), float("nan")
+    _, _, gR = check((x, w, b, A, R, B, ids, asc, g), 0.75, dtype, "inf/NaN unused")
+    assert torch.equal(gR[[1, 4]], torch.zeros_like(gR[[1, 4]]))

@@ -42,6 +42,12 @@ at::DimVector with_last(at::IntArrayRef lead_and_last, int64_t last) {
   return shape;
 }
 
+at::Tensor as_rows(const at::Tensor& t) {
+  if (t.dim() == 2) return t;
+  // reshape({-1, last}) is ambiguous when last == 0 (in or out features of a zero-size layer).
+  return t.reshape({c10::multiply_integers(t.sizes().slice(0, t.dim() - 1)), t.size(-1)});
+}
+
 at::Tensor unflatten_fresh(const at::Tensor& t2, at::IntArrayRef lead_and_last, int64_t last) {
   // _unsafe_view: the same storage under a new shape, not recorded as a view (t2 is ours alone).
   const at::Tensor c = t2.is_contiguous() ? t2 : t2.contiguous();
@@ -53,7 +59,7 @@ Fwd aten_forward(const at::Tensor& x, const at::Tensor& weight, const std::optio
   // Every skipped no-op below (a same-dtype .to, a 2-D reshape/view) is one dispatcher round trip
   // less: at M = 1 the calls, not the FLOPs, are the cost (the overhead preset's 64→64 case).
   const int64_t in = weight.size(1), out = weight.size(0);
-  const at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, in});
+  const at::Tensor x2 = as_rows(x);
   const at::Tensor Rc = as_dtype(R, x.scalar_type());
   at::Tensor y = at::empty(with_last(x.sizes(), out), x.options());
   at::Tensor y2 = x.dim() == 2 ? y : y.view({x2.size(0), out});
@@ -70,7 +76,7 @@ Fwd aten_forward(const at::Tensor& x, const at::Tensor& weight, const std::optio
 Bwd aten_backward(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight, const at::Tensor& A,
                   const at::Tensor& R, const at::Tensor& B, double scaling, bool need_x, bool need_R) {
   const int64_t in = weight.size(1), out = weight.size(0);
-  const at::Tensor g2 = grad_out.dim() == 2 ? grad_out : grad_out.reshape({-1, out});
+  const at::Tensor g2 = as_rows(grad_out);
   const at::ScalarType dt = grad_out.scalar_type();
   const bool merged = merge_pays(g2.size(0), in, out);
   at::Tensor u;  // g Bᵀ (M×r)
@@ -114,7 +120,7 @@ Fwd linear_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const std::opt
       return aten_forward(x, weight, bias, A, R, B, scaling);
     case Backend::kTorch:
     case Backend::kTriton: {
-      auto [y2, xa] = call_python_fwd(x.reshape({-1, weight.size(1)}), weight, bias, A, R, B, scaling, b);
+      auto [y2, xa] = call_python_fwd(as_rows(x), weight, bias, A, R, B, scaling, b);
       return {unflatten_fresh(y2, x.sizes(), weight.size(0)), xa};
     }
     case Backend::kCuda:
@@ -135,7 +141,7 @@ Bwd linear_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& xa, const at::T
       return aten_backward(grad_out, xa, weight, A, R, B, scaling, need_x, need_R);
     case Backend::kTorch:
     case Backend::kTriton: {
-      auto [gx2, gR] = call_python_bwd(grad_out.reshape({-1, weight.size(0)}), xa, weight, A, R, B, scaling, need_x,
+      auto [gx2, gR] = call_python_bwd(as_rows(grad_out), xa, weight, A, R, B, scaling, need_x,
                                        need_R, b);
       return {need_x ? unflatten_fresh(gx2, grad_out.sizes(), weight.size(1)) : gx2, gR};
     }

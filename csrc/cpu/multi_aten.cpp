@@ -13,12 +13,19 @@
 // `used·6000 > active·r²` reproduces. The only temporaries are (M×r) and a ≤ 4 MiB gathered chunk.
 // Backward: u = g Bᵀ once; grad_x = g W + V Aᵀ with V_i = s_i·u_i R[id_i]ᵀ (same two schedules), and
 // grad_R[k] = Σ_{i: id_i = k} s_i·(x A)_iᵀ u_i: grouped, one GEMM per adapter over its rows in their
-// original order (the sort is stable); per row, the rows' outer products index_add-ed into grad_R in
-// row order. Both are fixed-order sums with no atomics (the same bits on every run), in fp32 for
-// 16-bit inputs; adapters no row used get zeros.
+// original order (the sort is stable); per row, the rows sorted by adapter (stable) and their outer
+// products summed per adapter by segment_reduce, chunk after chunk. Both are fixed-order sums with no
+// atomics (index_add_ would use float atomics on CUDA: not the same bits twice), in fp32 for 16-bit
+// inputs; adapters no row used get zeros.
+// Only the gathered rows' R are converted to the layer's dtype (an fp32 master bank of n adapters is
+// never copied whole per call).
+// Off the CPU (cuBLAS, where "auto" picks it on CUDA, or backend "torch") the plan is not read back to
+// the host: the per-row schedule runs with no device-to-host copy (capturable in a CUDA graph), -1
+// rows masked on the device.
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "../loraxs.h"
@@ -31,15 +38,27 @@ at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dt) { return t.scalar_ty
 // How a call's rows spread over the bank, and which schedule that asks for.
 struct Plan {
   at::Tensor ids;              // (M,) int64
-  std::vector<int64_t> count;  // rows per adapter, n entries
-  int64_t active = 0;          // rows with id >= 0
+  std::vector<int64_t> count;  // rows per adapter, n entries (host plans only)
+  int64_t active = 0;          // rows with id >= 0 (a device plan: M, an upper bound)
+  bool host = true;            // counts known on the host; false: per row, nothing read back
   bool per_row = false;
+  bool any_active() const { return active > 0; }
+  bool maybe_minus_one() const { return !host || active < ids.size(0); }
 };
 
 Plan plan_rows(const at::Tensor& adapter_ids, int64_t n, int64_t r) {
   Plan p;
   p.ids = as_dtype(adapter_ids.reshape({-1}), at::kLong);
   const int64_t M = p.ids.size(0);
+  // No host copy off the CPU: the schedule cannot depend on the counts. LORAXS_MULTI_DEVICE_PLAN=1 (read
+  // per call) runs that plan on the CPU too, so tests there exercise what cuBLAS runs.
+  const char* force = std::getenv("LORAXS_MULTI_DEVICE_PLAN");
+  if (!p.ids.is_cpu() || (force != nullptr && force[0] == '1')) {
+    p.host = false;
+    p.active = M;
+    p.per_row = true;
+    return p;
+  }
   // counts[0]: rows with id -1. One (n + 1)-long copy to the host per call.
   const at::Tensor counts = at::bincount(p.ids + 1, {}, n + 1).to(at::kCPU);
   const int64_t* c = counts.data_ptr<int64_t>();
@@ -87,7 +106,7 @@ void per_adapter(at::Tensor& out, const at::Tensor& in, const at::Tensor& Rc, co
     const int64_t rows = g.start[k + 1] - g.start[k];
     if (rows == 0) continue;
     at::Tensor o = out.narrow(0, g.start[k], rows);
-    const at::Tensor Rk = Rc.select(0, k);
+    const at::Tensor Rk = as_dtype(Rc.select(0, k), out.scalar_type());  // this adapter's R only
     // beta = 0: the fresh output is never read.
     at::addmm_out(o, o, in.narrow(0, g.start[k], rows), transpose_R ? Rk.t() : Rk, /*beta=*/0, /*alpha=*/s[k]);
   }
@@ -116,7 +135,7 @@ at::Tensor per_row(const at::Tensor& in, const at::Tensor& Rc, const Plan& p, do
   const int64_t step = chunk_rows(Rc);
   for (int64_t i0 = 0; i0 < M; i0 += step) {
     const int64_t len = std::min(step, M - i0);
-    at::Tensor Rg = Rc.index_select(0, k.narrow(0, i0, len));  // (len, r, r)
+    at::Tensor Rg = as_dtype(Rc.index_select(0, k.narrow(0, i0, len)), in.scalar_type());  // (len, r, r)
     if (transpose_R) Rg = Rg.transpose(1, 2);
     at::Tensor o = out.narrow(0, i0, len).unsqueeze(1);
     at::bmm_out(o, in.narrow(0, i0, len).unsqueeze(1), Rg);
@@ -127,7 +146,7 @@ at::Tensor per_row(const at::Tensor& in, const at::Tensor& Rc, const Plan& p, do
     out.mul_(scaling);
   }
   // where, not a product with 0: a -1 row's input may hold inf or NaN (its x is never adapted).
-  if (p.active < M) out.masked_fill_((p.ids < 0).unsqueeze(1), 0);
+  if (p.maybe_minus_one()) out.masked_fill_((p.ids < 0).unsqueeze(1), 0);
   return out;
 }
 
@@ -136,7 +155,7 @@ at::Tensor per_row(const at::Tensor& in, const at::Tensor& Rc, const Plan& p, do
 at::Tensor low_rank_rows(const at::Tensor& in, const at::Tensor& Rc, const Plan& p, double scaling,
                          const std::optional<at::Tensor>& adapter_scaling, bool transpose_R) {
   const int64_t M = in.size(0), n = Rc.size(0);
-  if (p.active == 0) return at::Tensor();
+  if (!p.any_active()) return at::Tensor();
   if (p.per_row) return per_row(in, Rc, p, scaling, adapter_scaling, transpose_R);
   const Groups g = group_rows(p);
   const at::Tensor sorted_in = in.index_select(0, g.perm);
@@ -146,13 +165,50 @@ at::Tensor low_rank_rows(const at::Tensor& in, const at::Tensor& Rc, const Plan&
   return full.index_copy_(0, g.perm, t);
 }
 
+// per row: sum[k] += Σ_{i: id_i = k} s_i·xa_iᵀ u_i in a fixed order, with no atomics and nothing read
+// back to the host. The rows are sorted by adapter (stable: batch order within an adapter; -1 rows
+// first), then taken a chunk of sorted rows at a time: their outer products (len, r, r) are summed per
+// adapter by segment_reduce (each output summed in order by one thread), segment lengths from a
+// searchsorted of the chunk's sorted ids over -1 .. n, and the -1 segment dropped (a -1 row's x or g
+// may hold inf/NaN: it is summed apart, never into an adapter). A chunk holds at least n + 1 rows so the
+// (n + 1, r, r) per-chunk sums cost no more than the outer products themselves.
+void per_row_grad_R(at::Tensor& sum, const at::Tensor& xa, const at::Tensor& u, const Plan& p, double scaling,
+                    const std::optional<at::Tensor>& adapter_scaling) {
+  const int64_t M = p.ids.size(0), n = sum.size(0);
+  const at::ScalarType acc = sum.scalar_type();
+  const auto [sorted, perm] = at::sort(p.ids, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor xs = as_dtype(xa.index_select(0, perm), acc), us = as_dtype(u.index_select(0, perm), acc);
+  at::Tensor s;  // (M, 1, 1) per sorted row, or undefined: every row has `scaling`
+  if (adapter_scaling.has_value()) {
+    s = (adapter_scaling->to(at::kDouble).index_select(0, sorted.clamp_min(0)) * scaling).to(acc).view({M, 1, 1});
+  }
+  const at::Tensor edges = at::arange(-1, n + 1, p.ids.options());  // segment k + 1 holds adapter k
+  const int64_t step = std::max(chunk_rows(sum), n + 1);
+  for (int64_t i0 = 0; i0 < M; i0 += step) {
+    const int64_t len = std::min(step, M - i0);
+    at::Tensor outer = at::bmm(xs.narrow(0, i0, len).unsqueeze(2), us.narrow(0, i0, len).unsqueeze(1));
+    if (s.defined()) {
+      outer.mul_(s.narrow(0, i0, len));
+    } else {
+      outer.mul_(scaling);
+    }
+    const at::Tensor bounds = at::searchsorted(sorted.narrow(0, i0, len), edges);  // (n + 2,)
+    const at::Tensor lengths = bounds.narrow(0, 1, n + 1) - bounds.narrow(0, 0, n + 1);
+    // unsafe: skips segment_reduce's own checks of the lengths, which copy them to the host; they sum
+    // to len by construction (searchsorted over -1 .. n of ids in [-1, n)).
+    const at::Tensor per = at::segment_reduce(outer, "sum", lengths, /*indices=*/{}, /*offsets=*/{}, /*axis=*/0,
+                                              /*unsafe=*/true);
+    sum.add_(per.narrow(0, 1, n));
+  }
+}
+
 }  // namespace
 
 Fwd aten_multi_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, const at::Tensor& adapter_ids,
                        double scaling, const std::optional<at::Tensor>& adapter_scaling) {
-  const int64_t in = weight.size(1), out = weight.size(0), n = R.size(0), r = A.size(1);
-  const at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, in});
+  const int64_t out = weight.size(0), n = R.size(0), r = A.size(1);
+  const at::Tensor x2 = as_rows(x);
   const int64_t M = x2.size(0);
   at::Tensor y = at::empty(with_last(x.sizes(), out), x.options());
   at::Tensor y2 = x.dim() == 2 ? y : y.view({M, out});
@@ -163,7 +219,7 @@ Fwd aten_multi_forward(const at::Tensor& x, const at::Tensor& weight, const std:
   }
   at::Tensor xa = at::mm(x2, A);
   const Plan p = plan_rows(adapter_ids, n, r);
-  const at::Tensor t = low_rank_rows(xa, as_dtype(R, x.scalar_type()), p, scaling, adapter_scaling, false);
+  const at::Tensor t = low_rank_rows(xa, R, p, scaling, adapter_scaling, false);
   if (t.defined()) y2.addmm_(t, B);
   return {y, xa};
 }
@@ -171,8 +227,8 @@ Fwd aten_multi_forward(const at::Tensor& x, const at::Tensor& weight, const std:
 Bwd aten_multi_backward(const at::Tensor& grad_out, const at::Tensor& xa, const at::Tensor& weight,
                         const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, const at::Tensor& adapter_ids,
                         double scaling, const std::optional<at::Tensor>& adapter_scaling, bool need_x, bool need_R) {
-  const int64_t in = weight.size(1), out = weight.size(0), n = R.size(0), r = A.size(1);
-  const at::Tensor g2 = grad_out.dim() == 2 ? grad_out : grad_out.reshape({-1, out});
+  const int64_t in = weight.size(1), n = R.size(0), r = A.size(1);
+  const at::Tensor g2 = as_rows(grad_out);
   const int64_t M = g2.size(0);
   const at::ScalarType dt = grad_out.scalar_type();
   at::Tensor grad_x = grad_out.new_empty({0});
@@ -180,38 +236,21 @@ Bwd aten_multi_backward(const at::Tensor& grad_out, const at::Tensor& xa, const 
   if (!need_x && !need_R) return {grad_x, grad_R};
   const Plan p = plan_rows(adapter_ids, n, r);
   at::Tensor u;  // g Bᵀ, (M×r)
-  if (p.active > 0) u = at::mm(g2, B.t());
+  if (p.any_active()) u = at::mm(g2, B.t());
   if (need_x) {
     grad_x = at::empty(with_last(grad_out.sizes(), in), grad_out.options());
     at::Tensor gx2 = grad_out.dim() == 2 ? grad_x : grad_x.view({M, in});
     at::mm_out(gx2, g2, weight);
-    const at::Tensor v = p.active > 0 ? low_rank_rows(u, as_dtype(R, dt), p, scaling, adapter_scaling, true)
-                                      : at::Tensor();
+    const at::Tensor v = p.any_active() ? low_rank_rows(u, R, p, scaling, adapter_scaling, true) : at::Tensor();
     if (v.defined()) gx2.addmm_(v, A.t());
   }
   if (need_R) {
     // Sums over an adapter's rows run in fp32 (fp64 for fp64) even for half inputs, as for one adapter.
     const at::ScalarType acc = at::promote_types(dt, at::kFloat);
     at::Tensor sum = at::zeros({n, r, r}, grad_out.options().dtype(acc));
-    if (p.active > 0 && p.per_row) {
-      // The active rows' s_i·(x A)_iᵀ u_i, added into grad_R[id_i] in row order, a chunk at a time.
-      at::Tensor rows = p.active == M ? at::Tensor() : (p.ids >= 0).nonzero().squeeze(1);
-      const auto pick = [&](const at::Tensor& t) { return rows.defined() ? t.index_select(0, rows) : t; };
-      const at::Tensor ids = pick(p.ids), xs = as_dtype(pick(xa), acc), us = as_dtype(pick(u), acc);
-      const std::optional<at::Tensor> s_all = row_scalings(p, scaling, adapter_scaling, acc);
-      const at::Tensor s = s_all.has_value() ? pick(*s_all) : at::Tensor();
-      const int64_t step = chunk_rows(sum);
-      for (int64_t i0 = 0; i0 < p.active; i0 += step) {
-        const int64_t len = std::min(step, p.active - i0);
-        at::Tensor outer = at::bmm(xs.narrow(0, i0, len).unsqueeze(2), us.narrow(0, i0, len).unsqueeze(1));
-        if (s.defined()) {
-          outer.mul_(s.narrow(0, i0, len).unsqueeze(2));
-        } else {
-          outer.mul_(scaling);
-        }
-        sum.index_add_(0, ids.narrow(0, i0, len), outer);
-      }
-    } else if (p.active > 0) {
+    if (p.any_active() && p.per_row) {
+      per_row_grad_R(sum, xa, u, p, scaling, adapter_scaling);
+    } else if (p.any_active()) {
       const Groups g = group_rows(p);
       const std::vector<double> s = scalings(scaling, adapter_scaling, n);
       const at::Tensor xs = as_dtype(xa.index_select(0, g.perm), acc);
@@ -243,7 +282,7 @@ Fwd linear_multi_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const st
     case Backend::kTorch:
       return aten_multi_forward(x, weight, bias, A, R, B, adapter_ids, scaling, adapter_scaling);
     case Backend::kTriton: {  // the Triton interpreter (TRITON_INTERPRET=1)
-      auto [y2, xa] = call_python_multi_fwd(x.reshape({-1, weight.size(1)}), weight, bias, A, R, B,
+      auto [y2, xa] = call_python_multi_fwd(as_rows(x), weight, bias, A, R, B,
                                             adapter_ids.reshape({-1}), scaling, adapter_scaling, b);
       return {unflatten_fresh(y2, x.sizes(), weight.size(0)), xa};
     }
@@ -266,7 +305,7 @@ Bwd linear_multi_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& xa, const
     case Backend::kTorch:
       return aten_multi_backward(grad_out, xa, weight, A, R, B, adapter_ids, scaling, adapter_scaling, need_x, need_R);
     case Backend::kTriton: {
-      auto [gx2, gR] = call_python_multi_bwd(grad_out.reshape({-1, weight.size(0)}), xa, weight, A, R, B,
+      auto [gx2, gR] = call_python_multi_bwd(as_rows(grad_out), xa, weight, A, R, B,
                                              adapter_ids.reshape({-1}), scaling, adapter_scaling, need_x, need_R, b);
       return {need_x ? unflatten_fresh(gx2, grad_out.sizes(), weight.size(1)) : gx2, gR};
     }

@@ -67,6 +67,31 @@ lc::DecodeArgs decode_args(const at::Tensor& x, const at::Tensor& weight, const 
 bool try_decode(lc::DType dt, const lc::DecodeArgs& d, const at::Tensor& x, const at::Tensor& weight,
                 const DeviceInfo& info, cudaStream_t stream);
 
+// A layer with in or out features = 0 (issue 19): no kernel is launched (a zero-width grid is a launch
+// error, and the GEMMs assume K >= 1). With in = 0, x A is exactly zero; with out = 0, g is empty so
+// g Bᵀ is zero: either way y = b (or empty), grad_x = 0 and grad_R = 0, formed by ATen fills on the
+// current stream (no host sync: capturable like the kernels).
+inline bool zero_features(const at::Tensor& weight) { return weight.size(0) == 0 || weight.size(1) == 0; }
+inline Fwd zero_feature_forward(const at::Tensor& x, const at::Tensor& A, const std::optional<at::Tensor>& bias,
+                                at::Tensor& y, at::Tensor& xa) {
+  if (A.size(0) == 0) {
+    xa.zero_();
+  } else {
+    at::mm_out(xa, x, A);
+  }
+  if (bias.has_value()) {
+    y.copy_(bias->unsqueeze(0).expand_as(y));
+  } else {
+    y.zero_();
+  }
+  return {y, xa};
+}
+inline Bwd zero_feature_backward(at::Tensor& grad_x, at::Tensor& grad_R) {
+  if (grad_x.numel() > 0) grad_x.zero_();
+  if (grad_R.numel() > 0) grad_R.zero_();
+  return {grad_x, grad_R};
+}
+
 // What runs: `asked`, or for "auto" csrc/backend.cpp's rule for this device, dtype, M and r.
 Backend resolve(Backend asked, const at::Tensor& ref, int64_t M, int64_t r);
 

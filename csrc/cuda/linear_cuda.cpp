@@ -37,6 +37,7 @@ Fwd cuda_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::op
   at::Tensor y = at::empty({M, out}, x_in.options());
   at::Tensor xa = at::empty({M, r}, x_in.options());
   if (M == 0) return {y, xa};
+  if (zero_features(weight)) return zero_feature_forward(x_in, A, bias, y, xa);
   const DeviceInfo info = checked_device(x_in);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
@@ -71,6 +72,7 @@ Bwd cuda_backward(const at::Tensor& grad_out, const at::Tensor& xa, const at::Te
   at::Tensor grad_R = need_R ? (M == 0 ? at::zeros({r, r}, R.options()) : at::empty({r, r}, R.options()))
                              : R.new_empty({0});
   if (M == 0 || (!need_x && !need_R)) return {grad_x, grad_R};
+  if (zero_features(weight)) return zero_feature_backward(grad_x, grad_R);
   const DeviceInfo info = checked_device(grad_out);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
 
@@ -113,8 +115,8 @@ Fwd linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const std::op
   const Backend asked = parse_backend(backend);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // inputs are cast already
   check_inputs(x, weight, bias, A, R, B);
-  const int64_t in = weight.size(1), out = weight.size(0);
-  const at::Tensor x2 = x.reshape({-1, in});
+  const int64_t out = weight.size(0);
+  const at::Tensor x2 = as_rows(x);
   switch (resolve(asked, x, x2.size(0), A.size(1))) {
     case Backend::kCuda: {
       auto [y2, xa] = cuda_forward(x2, weight, bias, A, R, B, scaling);
@@ -141,8 +143,8 @@ Bwd linear_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& xa, const at::
   const Backend asked = parse_backend(backend);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_backward_inputs(grad_out, xa, weight, A, R, B, need_R);
-  const int64_t in = weight.size(1), out = weight.size(0);
-  const at::Tensor g2 = grad_out.reshape({-1, out});
+  const int64_t in = weight.size(1);
+  const at::Tensor g2 = as_rows(grad_out);
   switch (resolve(asked, grad_out, g2.size(0), A.size(1))) {
     case Backend::kCuda: {
       auto [gx2, gR] = cuda_backward(g2, xa, weight, A, R, B, scaling, need_x, need_R);

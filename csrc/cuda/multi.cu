@@ -5,9 +5,11 @@ namespace loraxs {
 namespace cuda {
 
 namespace {
-// R (and grad_R) in the layer's dtype, or an fp32 master bank beside a 16-bit layer.
+// R (and grad_R) in the layer's dtype, or an fp32 bank beside a 16-bit or fp64 layer: what the op's
+// contract accepts (csrc/contract.cpp), so no accepted call ends in cudaErrorInvalidValue here.
 bool bank_dtype_ok(DType dt, DType r_dt) {
-  return r_dt == dt || (r_dt == DType::kFloat && (dt == DType::kHalf || dt == DType::kBFloat16));
+  return r_dt == dt ||
+         (r_dt == DType::kFloat && (dt == DType::kHalf || dt == DType::kBFloat16 || dt == DType::kDouble));
 }
 }  // namespace
 

@@ -14,6 +14,7 @@
 // Plain host C++ like linear_cuda.cpp (no <<<>>>): the kernels sit behind kernels/launch.h.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -71,6 +72,7 @@ Fwd cuda_multi_forward(const at::Tensor& x_in, const at::Tensor& weight, const s
   at::Tensor y = at::empty({M, out}, x_in.options());
   at::Tensor xa = at::empty({M, r}, x_in.options());
   if (M == 0) return {y, xa};
+  if (zero_features(weight)) return zero_feature_forward(x_in, A, bias, y, xa);
   check_cuda_inputs("loraxs linear_multi_fwd", x_in, r);
   const DeviceInfo info = checked_device(x_in);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -106,6 +108,7 @@ Bwd cuda_multi_backward(const at::Tensor& grad_out, const at::Tensor& xa, const 
   at::Tensor grad_R = need_R ? (M == 0 ? at::zeros({n, r, r}, R.options()) : at::empty({n, r, r}, R.options()))
                              : R.new_empty({0});
   if (M == 0 || (!need_x && !need_R)) return {grad_x, grad_R};
+  if (zero_features(weight)) return zero_feature_backward(grad_x, grad_R);
   check_cuda_inputs("loraxs linear_multi_bwd", grad_out, r);
   const DeviceInfo info = checked_device(grad_out);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -147,14 +150,35 @@ Bwd cuda_multi_backward(const at::Tensor& grad_out, const at::Tensor& xa, const 
 }
 
 // ------------------------------------------------------------------------ the CUDA dispatch key
+// CUDA graphs (issue 19). Outside a capture the contract checks the ids' values on the host (aminmax, two
+// scalars: a sync) and raises a ValueError naming the first bad id before anything is launched. A
+// capture cannot contain a host copy, so while t's stream is capturing the values are checked on the
+// device instead: torch._assert_async, enqueued before every kernel of the call, traps on an id outside
+// [-1, n) at replay; the trap stops the stream before any later kernel reads R[id] (a device-side
+// assert is sticky: every later launch of the context fails), so a bad id still raises (a RuntimeError
+// at the next sync) and still cannot read past the bank; multi_rows_kernel also maps such an id to the
+// base row. Validating once per use_adapters call instead would leave a direct call of the op unchecked.
+bool capturing_on(const at::Tensor& t) {
+  const c10::cuda::CUDAGuard guard(t.device());
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+void assert_ids_in_bank(const at::Tensor& ids, const at::Tensor& R) {
+  if (ids.numel() == 0) return;
+  const at::Tensor ok = at::logical_and(ids.ge(-1), ids.lt(R.size(0))).all();
+  at::_assert_async(ok, ids_range_message(R));
+}
+
 Fwd linear_multi_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           const at::Tensor& A, const at::Tensor& R, const at::Tensor& B, const at::Tensor& adapter_ids,
                           double scaling, const std::optional<at::Tensor>& adapter_scaling, c10::string_view backend) {
   const Backend asked = parse_backend(backend);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // inputs are cast already
-  check_multi_inputs(x, weight, bias, A, R, B, adapter_ids, adapter_scaling);  // before any kernel
-  const int64_t in = weight.size(1), out = weight.size(0);
-  const at::Tensor x2 = x.reshape({-1, in});
+  const bool capturing = capturing_on(x);
+  check_multi_inputs(x, weight, bias, A, R, B, adapter_ids, adapter_scaling, !capturing);  // before any kernel
+  if (capturing) assert_ids_in_bank(adapter_ids, R);
+  const int64_t out = weight.size(0);
+  const at::Tensor x2 = as_rows(x);
   switch (resolve(asked, x, x2.size(0), A.size(1))) {
     case Backend::kCuda: {
       auto [y2, xa] =
@@ -180,9 +204,11 @@ Bwd linear_multi_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& xa, cons
                           c10::string_view backend) {
   const Backend asked = parse_backend(backend);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  check_multi_backward_inputs(grad_out, xa, weight, A, R, B, adapter_ids, adapter_scaling, need_R);
-  const int64_t in = weight.size(1), out = weight.size(0);
-  const at::Tensor g2 = grad_out.reshape({-1, out});
+  const bool capturing = capturing_on(grad_out);
+  check_multi_backward_inputs(grad_out, xa, weight, A, R, B, adapter_ids, adapter_scaling, need_R, !capturing);
+  if (capturing) assert_ids_in_bank(adapter_ids, R);
+  const int64_t in = weight.size(1);
+  const at::Tensor g2 = as_rows(grad_out);
   switch (resolve(asked, grad_out, g2.size(0), A.size(1))) {
     case Backend::kCuda: {
       auto [gx2, gR] = cuda_multi_backward(g2, xa, weight, A, R, B, adapter_ids.reshape({-1}), scaling,

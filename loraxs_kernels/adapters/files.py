@@ -3,15 +3,21 @@
 A directory holds two files:
 
 adapter_config.json
-    format "loraxs-kernels-adapter", format_version 1; rank and scaling (null when the layers
-    differ); dtype (R's); the SVD convention; target_modules (the adapted layers' dotted paths);
-    modules_to_save; and per layer in "layers": in/out features, rank, scaling, bias, fan_in_fan_out
-    (Conv1D base), the pivots that fix the singular vectors' signs, the smallest relative gap of its
-    top singular values, "basis" ("svd": recomputed from the base on load; "stored": in the file)
-    with the reason, and the base fingerprint (fingerprint.py).
+    format "loraxs-kernels-adapter", format_version 2, and in the same object a PEFT adapter config
+    (peft_type "LORAXS", task_type, base_model_name_or_path, r, scaling, target_modules (the adapted
+    layers' dotted paths), modules_to_save, init, r_dtype: the fields of
+    loraxs_kernels.peft.LoraXSConfig), so one file serves both entry points: load_adapter here, and
+    peft.PeftModel.from_pretrained / AutoPeftModelFor... after `import loraxs_kernels.peft`.
+    Ours: dtype (R's); the SVD convention; saved_module_keys (module path -> its state-dict keys);
+    and per layer in "layers": in/out features, rank, scaling, bias, fan_in_fan_out (Conv1D base),
+    the pivots that fix the singular vectors' signs, the smallest relative gap of its top singular
+    values, "basis" ("svd": recomputed from the base on load; "stored": in the file) with the
+    reason, and the base fingerprint (fingerprint.py).
 adapter_model.safetensors
-    `<path>.lora_R` for every layer; `<path>.lora_A`, `<path>.lora_B` for layers whose basis is
-    stored; `<path>.<name>` for every state-dict entry of every module in modules_to_save.
+    keys in PEFT's spelling: `base_model.model.<path>.lora_R` for every layer;
+    `base_model.model.<path>.lora_A`, `....lora_B` for layers whose basis is stored;
+    `base_model.model.<path>.<name>` for every state-dict entry of every module in modules_to_save.
+Version 1 (no PEFT fields, keys without the `base_model.model.` prefix) is still read.
 
 Banks (MultiLoRAXSLinear): save_adapter(model, path, slot=i) writes adapter i of every bank as such a
 file, and load_adapter(model, path, slot=i) reads one into slot i of every bank, in place
@@ -35,7 +41,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import weakref
 from pathlib import Path
 
@@ -51,23 +56,39 @@ from ..modules.model import (
     mark_trainable,
     named_slots,
 )
-from ..modules.svd_init import min_relative_gap, svd_basis
-from .fingerprint import ATOL, N_SAMPLES, RTOL, fingerprint, fingerprint_mismatch
+from ..modules.linear import remember_basis, remembered_basis
+from ..modules.svd_init import SVDBasis, min_relative_gap, svd_basis
+from .fingerprint import ATOL, N_SAMPLES, RTOL, fingerprint, fingerprint_mismatch, fingerprint_problem
+from .atomic import write_adapter_dir  # noqa: F401  (crash-safe writer; interop/peft_lora.py imports it from here)
+from .integrity import ChecksumMismatch, load_verified
 
 FORMAT_NAME = "loraxs-kernels-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+PEFT_TYPE_NAME = "LORAXS"  # the PeftType member loraxs_kernels.peft registers
+PEFT_KEY_PREFIX = "base_model.model."  # where PEFT's PeftModel puts the base model's modules
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 GAP_THRESHOLD = 2e-3
 SVD_CONVENTION = (
-    "W (out x in; a Conv1D's transpose) -> W^T = U S V^T computed by torch.linalg.svd in float32 "
-    "(float64 for float64 weights); A = U_r S_r (in x r), B = V_r^T (r x out); each pair (u_i, v_i) "
-    "signed so that U[pivots[i], i] > 0; y = x W^T + b + scaling * ((x A) R) B"
+    "W (out x in; a Conv1D's transpose) -> the top r singular triplets of W^T = U S V^T in float32 (float64 "
+    "for float64 weights): a truncated subspace iteration refined by Rayleigh-Ritz to a residual of 1e-6 sigma_1, "
+    "the full torch.linalg.svd for small layers or when it does not converge; A = U_r S_r (in x r), "
+    "B = V_r^T (r x out); each pair (u_i, v_i) signed so that U[pivots[i], i] > 0; y = x W^T + b + scaling * ((x A) R) B"
 )
+SVD_FACTS = {"convention": SVD_CONVENTION, "basis_gap_threshold": GAP_THRESHOLD}
+FINGERPRINT_FACTS = {"rtol": RTOL, "atol_rms": ATOL, "n_samples": N_SAMPLES}
 # Relative difference between a layer's A, B and the SVD recomputed from its weight below which the
 # basis counts as the SVD's: the recomputation is the same call on the same W, so it repeats to
 # rounding (the fp32 SVD to ~1e-6 across thread counts); a random or imported basis differs by O(1).
 _DERIVABLE_TOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+# Task types by the class-name suffix of a transformers model: what AutoPeftModelFor... needs to rebuild it.
+_TASK_BY_CLASS_SUFFIX = (
+    ("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"), ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+)
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -78,6 +99,38 @@ class AdapterError(ValueError):
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def common_dtype(dtypes) -> str | None:
+    """The one dtype name of R over every layer, or None when they differ."""
+    names = {_dtype_name(d) for d in dtypes}
+    return names.pop() if len(names) == 1 else None
+
+
+def task_type_of(model: nn.Module) -> str | None:
+    """PEFT's task_type for a transformers model, from its class name (None when it says nothing)."""
+    name = type(model).__name__
+    return next((task for suffix, task in _TASK_BY_CLASS_SUFFIX if name.endswith(suffix)), None)
+
+
+def layer_entry(weight: torch.Tensor, rank: int, scaling: float, bias: bool, fan_in_fan_out: bool, pivots,
+                singular_values, gap, reason) -> dict:
+    """One entry of the config's "layers": what loading needs to rebuild the layer's basis and to refuse
+    another base. weight is (out, in); singular_values None: computed by the fingerprint."""
+    return {
+        "in_features": int(weight.shape[1]),
+        "out_features": int(weight.shape[0]),
+        "rank": int(rank),
+        "scaling": float(scaling),
+        "bias": bool(bias),
+        "fan_in_fan_out": bool(fan_in_fan_out),
+        "weight_dtype": _dtype_name(weight.dtype),
+        "pivots": [int(i) for i in torch.as_tensor(pivots).tolist()],
+        "min_relative_gap": gap,
+        "basis": "svd" if reason is None else "stored",
+        "basis_reason": reason,
+        "fingerprint": fingerprint(weight, n_sigma=rank + 1, singular_values=singular_values),
+    }
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -105,11 +158,23 @@ def _check_slot(slot, layers: list[tuple[str, MultiLoRAXSLinear]]) -> int:
 
 def _compute_basis_facts(layer: nn.Module):
     """(the SVD basis with the layer's own signs, its min relative gap, the relative difference between
-    it and the layer's A and B): what save_adapter records about a layer's basis."""
+    it and the layer's A and B): what save_adapter records about a layer's basis.
+
+    A layer whose A and B are still the SVD basis it was built with (apply_loraxs, load_adapter,
+    from_linear: modules.linear.remembered_basis) answers from the facts it kept, with no SVD; any
+    other layer (A or B edited, W changed, the model moved) gets one SVD, whose facts it then keeps
+    when A and B are that SVD's."""
+    kept = remembered_basis(layer)
+    if kept is not None:
+        pivots, singular_values = kept
+        basis = SVDBasis(layer.lora_A, layer.lora_B, singular_values, pivots)
+        return basis, min_relative_gap(singular_values, layer.rank), 0.0
     pivots = layer.lora_A.detach().abs().argmax(dim=0)
     basis = svd_basis(layer.weight, layer.rank, pivots=pivots)
     gap = min_relative_gap(basis.singular_values, layer.rank)
     diff = max(_rel(basis.A, layer.lora_A), _rel(basis.B, layer.lora_B))
+    if diff <= _DERIVABLE_TOL.get(layer.weight.dtype, 1e-4):
+        remember_basis(layer, basis)
     return basis, gap, diff
 
 
@@ -154,7 +219,8 @@ def _adapter_layers(model: nn.Module, slot) -> list[tuple[str, nn.Module, torch.
 
 
 # ------------------------------------------------------------------------------------------ save
-def save_adapter(model: nn.Module, path, *, include_basis: bool = False, modules_to_save=None, slot=None) -> Path:
+def save_adapter(model: nn.Module, path, *, include_basis: bool = False, modules_to_save=None, slot=None,
+                 task_type=None) -> Path:
     """Write the model's LoRA-XS adapter (every FusedLoRAXSLinear's R, plus its modules_to_save) to the
     directory `path` (created if needed) as adapter_config.json + adapter_model.safetensors; return it.
 
@@ -164,7 +230,11 @@ def save_adapter(model: nn.Module, path, *, include_basis: bool = False, modules
     slot: for a model with MultiLoRAXSLinear layers, the adapter to save (an int): its R in every
     bank, written as an ordinary single-adapter file (load_adapter reads it into a plain or
     FusedLoRAXSLinear model, or with slot= into a bank).
+    task_type: PEFT's task type written into the config (AutoPeftModelFor... needs it); default from
+    the model's class name ("...ForSequenceClassification" -> "SEQ_CLS", ...), else None.
     """
+    if task_type is not None and not isinstance(task_type, str):
+        raise TypeError(f"task_type must be a PEFT task type name such as 'SEQ_CLS' or None, got {task_type!r}")
     layers = _adapter_layers(model, slot)
     if modules_to_save is None:
         modules_to_save = list(getattr(model, MODULES_TO_SAVE_ATTR, None) or [])
@@ -176,6 +246,10 @@ def save_adapter(model: nn.Module, path, *, include_basis: bool = False, modules
         if not torch.isfinite(R).all():
             where = f"{lpath}.lora_R" if slot is None else f"{lpath}.lora_R[{slot}]"
             raise ValueError(f"{where} has NaN or Inf entries; refusing to save a broken adapter")
+        if not torch.isfinite(layer.weight).all():
+            bad = int((~torch.isfinite(layer.weight)).sum())
+            raise ValueError(f"{lpath}.weight has {bad} NaN/Inf entries: the base is broken, and an adapter's "
+                             "fingerprint of it could not tell it from another base; refusing to save")
         rank = layer.rank
         basis, gap, diff = _basis_facts(layer) if slot is not None else _compute_basis_facts(layer)
         derivable = diff <= _DERIVABLE_TOL.get(layer.weight.dtype, 1e-4)
@@ -185,24 +259,14 @@ def save_adapter(model: nn.Module, path, *, include_basis: bool = False, modules
             else f"min relative singular-value gap {gap:.3g} < {GAP_THRESHOLD:g}" if gap < GAP_THRESHOLD
             else None
         )
-        tensors[f"{lpath}.lora_R"] = R.detach().cpu().contiguous().clone()
+        key = PEFT_KEY_PREFIX + lpath
+        tensors[f"{key}.lora_R"] = R.detach().cpu().contiguous().clone()
         if reason is not None:
-            tensors[f"{lpath}.lora_A"] = layer.lora_A.detach().cpu().contiguous().clone()
-            tensors[f"{lpath}.lora_B"] = layer.lora_B.detach().cpu().contiguous().clone()
-        layer_cfg[lpath] = {
-            "in_features": layer.in_features,
-            "out_features": layer.out_features,
-            "rank": rank,
-            "scaling": layer.scaling,
-            "bias": layer.bias is not None,
-            "fan_in_fan_out": bool(getattr(layer, "fan_in_fan_out", False)),
-            "weight_dtype": _dtype_name(layer.weight.dtype),
-            "pivots": [int(i) for i in basis.pivots.tolist()],
-            "min_relative_gap": gap,
-            "basis": "svd" if reason is None else "stored",
-            "basis_reason": reason,
-            "fingerprint": fingerprint(layer.weight, n_sigma=rank + 1, singular_values=basis.singular_values),
-        }
+            tensors[f"{key}.lora_A"] = layer.lora_A.detach().cpu().contiguous().clone()
+            tensors[f"{key}.lora_B"] = layer.lora_B.detach().cpu().contiguous().clone()
+        layer_cfg[lpath] = layer_entry(
+            layer.weight, rank, layer.scaling, layer.bias is not None, bool(getattr(layer, "fan_in_fan_out", False)),
+            basis.pivots, basis.singular_values, gap, reason)
     saved_keys: dict[str, list[str]] = {}
     for mpath in modules_to_save:
         try:
@@ -212,44 +276,35 @@ def save_adapter(model: nn.Module, path, *, include_basis: bool = False, modules
         sd = mod.state_dict()
         saved_keys[mpath] = sorted(sd)
         for k, v in sd.items():
-            tensors[f"{mpath}.{k}"] = v.detach().cpu().contiguous().clone()  # clone: tied weights share memory
+            # clone: tied weights share memory
+            tensors[f"{PEFT_KEY_PREFIX}{mpath}.{k}"] = v.detach().cpu().contiguous().clone()
     ranks = {c["rank"] for c in layer_cfg.values()}
     scalings = {c["scaling"] for c in layer_cfg.values()}
-    r_dtypes = {_dtype_name(R.dtype) for _, _, R in layers}
+    first = next(iter(layer_cfg.values()))
     config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "library": "loraxs_kernels",
-        "rank": ranks.pop() if len(ranks) == 1 else None,
-        "scaling": scalings.pop() if len(scalings) == 1 else None,
-        "dtype": r_dtypes.pop() if len(r_dtypes) == 1 else None,
-        "svd": {"convention": SVD_CONVENTION, "basis_gap_threshold": GAP_THRESHOLD},
-        "fingerprint_tolerance": {"rtol": RTOL, "atol_rms": ATOL, "n_samples": N_SAMPLES},
+        # PEFT's fields (loraxs_kernels.peft.LoraXSConfig). r and scaling: the layers' common values; where
+        # layers differ, each layer's own entry in "layers" is what both loaders use.
+        "peft_type": PEFT_TYPE_NAME,
+        "task_type": task_type if task_type is not None else task_type_of(model),
+        "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
+        "inference_mode": True,
+        "rank": next(iter(ranks)) if len(ranks) == 1 else None,  # version 1's field, kept for its readers
+        "r": ranks.pop() if len(ranks) == 1 else max(c["rank"] for c in layer_cfg.values()),
+        "scaling": scalings.pop() if len(scalings) == 1 else first["scaling"],
+        "init": "svd",
+        "r_dtype": common_dtype(R.dtype for _, _, R in layers),
+        "dtype": common_dtype(R.dtype for _, _, R in layers),
+        "svd": dict(SVD_FACTS),
+        "fingerprint_tolerance": dict(FINGERPRINT_FACTS),
         "target_modules": [p for p, _, _ in layers],
         "modules_to_save": list(modules_to_save),
         "saved_module_keys": saved_keys,
         "layers": layer_cfg,
     }
     return write_adapter_dir(path, tensors, config, {"format": "pt", "loraxs_format": FORMAT_NAME})
-
-
-def write_adapter_dir(path, tensors: dict, config: dict, metadata: dict) -> Path:
-    """A directory with adapter_model.safetensors and adapter_config.json (our format and PEFT's
-    share the names). Both are written beside the target and then renamed: a crash never leaves a
-    half-written adapter under the name."""
-    from safetensors.torch import save_file
-
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out, suffix=".tmp", delete=False) as f:
-        tmp_w = f.name
-    save_file(tensors, tmp_w, metadata=metadata)
-    tmp_c = tmp_w + ".json"
-    with open(tmp_c, "w") as f:
-        json.dump(config, f, indent=1)
-    os.replace(tmp_w, out / WEIGHTS_NAME)
-    os.replace(tmp_c, out / CONFIG_NAME)
-    return out
 
 
 # ------------------------------------------------------------------------------------------ read
@@ -277,9 +332,16 @@ def _check_config(cfg, where: str) -> dict:
     _require(cfg["format"] == FORMAT_NAME, f"{where}: format is {cfg['format']!r}, expected {FORMAT_NAME!r}")
     _require("format_version" in cfg, f"{where}: missing key 'format_version'")
     _require(
-        cfg["format_version"] == FORMAT_VERSION,
-        f"{where}: format_version {cfg['format_version']!r} is not supported (this library reads {FORMAT_VERSION})",
+        cfg["format_version"] in READABLE_VERSIONS,
+        f"{where}: format_version {cfg['format_version']!r} is not supported (this library reads {READABLE_VERSIONS})",
     )
+    if cfg["format_version"] >= 2:
+        _require(cfg.get("peft_type") == PEFT_TYPE_NAME,
+                 f"{where}: peft_type is {cfg.get('peft_type')!r}, expected {PEFT_TYPE_NAME!r} in format_version 2")
+        _require(isinstance(cfg.get("saved_module_keys"), dict), f"{where}: 'saved_module_keys' must be an object")
+        # PEFT's modules_to_save holds match names ("classifier", "score"); the saved modules' own paths are
+        # the keys of saved_module_keys, which both writers fill.
+        cfg = {**cfg, "modules_to_save_spec": cfg.get("modules_to_save"), "modules_to_save": list(cfg["saved_module_keys"])}
     for key, typ in (("layers", dict), ("modules_to_save", list), ("saved_module_keys", dict)):
         _require(key in cfg, f"{where}: missing key {key!r}")
         _require(isinstance(cfg[key], typ), f"{where}: {key!r} must be a {typ.__name__}, got {type(cfg[key]).__name__}")
@@ -305,6 +367,8 @@ def _check_config(cfg, where: str) -> dict:
         _require(lc["basis"] in ("svd", "stored"), f"{where}: layers[{lpath!r}]['basis'] must be 'svd' or 'stored'")
         _require(math.isfinite(lc["scaling"]), f"{where}: layers[{lpath!r}]['scaling'] is not finite")
         fp = lc["fingerprint"]
+        why = fingerprint_problem(fp)
+        _require(why is None, f"{where}: layers[{lpath!r}]['fingerprint']: {why}")
         for key in ("shape", "sigma", "fro", "samples"):
             _require(key in fp, f"{where}: layers[{lpath!r}]['fingerprint'] is missing key {key!r}")
         _require(list(fp["shape"]) == [o, i], f"{where}: layers[{lpath!r}]: fingerprint shape {fp['shape']} != [{o}, {i}]")
@@ -317,19 +381,27 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, tensors on the CPU) of an adapter directory, checked for consistency with each other;
     raises FileNotFoundError or AdapterError."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"no adapter at {str(root)!r}: the path does not exist")
     if not root.is_dir():
         raise AdapterError(f"{str(root)!r} is a file; an adapter is a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+    # Both files from one resolved folder: a save switches the folder's version pointer atomically (atomic.py),
+    # so a reader that resolved it once reads the config and the weights of one save even while another runs.
+    # Only when both names are still the save's links: a file put there by hand (or by another writer) is read.
+    # Messages name the files by the names the user knows (cfg_path, w_path).
     cfg_path, w_path = root / CONFIG_NAME, root / WEIGHTS_NAME
+    cfg_read, w_read = cfg_path, w_path
+    if cfg_path.is_symlink() and w_path.is_symlink():
+        version_dir = Path(os.path.realpath(cfg_path)).parent
+        if Path(os.path.realpath(w_path)).parent == version_dir:
+            cfg_read, w_read = version_dir / CONFIG_NAME, version_dir / WEIGHTS_NAME
     if not cfg_path.is_file():
         present = sorted(p.name for p in root.iterdir())
         raise AdapterError(f"{str(root)!r} holds no {CONFIG_NAME} (it holds {present}): not a loraxs-kernels adapter")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_read.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{cfg_path} is not valid JSON: {e}") from None
     cfg = _check_config(cfg, str(cfg_path))
@@ -337,9 +409,15 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
         present = sorted(p.name for p in root.iterdir())
         raise AdapterError(f"{str(root)!r} holds no {WEIGHTS_NAME} (it holds {present})")
     try:
-        tensors = load_file(str(w_path), device="cpu")
+        tensors = load_verified(w_read)  # the sha256 of the tensor bytes, when the file has one
+    except ChecksumMismatch as e:
+        raise AdapterError(f"{w_path} is corrupted ({e})") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(f"{w_path} is not a readable safetensors file: {e}") from None
+    if cfg["format_version"] >= 2:
+        # PEFT's key spelling on disk, the base model's own paths in memory; a key without the prefix stays as
+        # it is and is refused below as a tensor the config does not describe.
+        tensors = {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in tensors.items()}
 
     expected: dict[str, tuple[int, ...]] = {}
     for lpath, lc in cfg["layers"].items():
@@ -394,6 +472,7 @@ def load_adapter(model: nn.Module, path, *, slot=None, **layer_kwargs) -> nn.Mod
         return load_adapter_slot(model, path, slot)
     cfg, tensors = read_adapter(path)
     plans = []
+    svd_of = {}
     for lpath, lc in cfg["layers"].items():
         module = _module_at(model, lpath)
         rank = lc["rank"]
@@ -426,6 +505,7 @@ def load_adapter(model: nn.Module, path, *, slot=None, **layer_kwargs) -> nn.Mod
         else:
             basis = svd_basis(weight, rank, pivots=lc["pivots"])
             A, B, S = basis.A, basis.B, basis.singular_values
+            svd_of[lpath] = basis  # kept on the layer: save_adapter then needs no SVD
         why = fingerprint_mismatch(lc["fingerprint"], weight, singular_values=S)
         if why is not None:
             raise AdapterError(f"layer {lpath}: this adapter was made for another base model: {why}")
@@ -468,13 +548,15 @@ def load_adapter(model: nn.Module, path, *, slot=None, **layer_kwargs) -> nn.Mod
                     module.lora_A.copy_(A)
                     module.lora_B.copy_(B)
                     module.lora_R.copy_(R)
+                remember_basis(module, svd_of.get(lpath))
                 module.scaling = float(lc["scaling"])
                 continue
             kwargs = dict(layer_kwargs)
             kwargs.pop("r_init", None)  # R comes from the file
             kwargs.setdefault("r_dtype", _r_dtype(R.dtype, weight.dtype))
             layer = FusedLoRAXSLinear.from_linear(
-                module, lc["rank"], lc["scaling"], share_weight=True, basis=(A, B), r_init="zeros", **kwargs
+                module, lc["rank"], lc["scaling"], share_weight=True, basis=svd_of.get(lpath, (A, B)), r_init="zeros",
+                **kwargs
             )
             with torch.no_grad():
                 layer.lora_R.copy_(R)

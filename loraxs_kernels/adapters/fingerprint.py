@@ -10,6 +10,11 @@ A fingerprint of W (out×in, the layer's orientation; a Conv1D's transposed view
 
 Two weights match when the shapes are equal and, with RTOL = 1e-2,
     |σ'_i − σ_i| ≤ RTOL·σ_1,   |fro' − fro| ≤ RTOL·fro,   |w' − w| ≤ RTOL·|w| + ATOL·rms(W)  (ATOL = 1e-3).
+Every field is validated before use (fingerprint_problem): a stored fingerprint with a wrong type, a
+wrong-length list, a NaN or an Inf (json.dump writes a NaN base's norm as bare NaN, which then compared
+False against everything and matched any base of that shape) is refused, and fingerprint() refuses a
+weight with NaN/Inf entries.
+
 A byte hash would refuse the same base loaded in bf16 or computed on another device. Measured on
 all-MiniLM-L6-v2 (36 linear layers): rounding W to bf16 moves the top 17 singular values by at most
 2.1e-3·σ_1 and any entry by at most 3.9e-3 of itself (bf16's unit roundoff, 2⁻⁸), so RTOL leaves a
@@ -32,6 +37,43 @@ N_SAMPLES = 32
 _HASH_MULT, _HASH_ADD = 2654435761, 97
 
 
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def fingerprint_problem(fp) -> str | None:
+    """None when `fp` has the fields, types and finite values fingerprint() writes, else what is wrong."""
+    if not isinstance(fp, dict):
+        return f"the fingerprint must be an object, got {type(fp).__name__}"
+    for key in ("shape", "sigma", "fro", "samples"):
+        if key not in fp:
+            return f"the fingerprint has no {key!r}"
+    shape = fp["shape"]
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_index(v) for v in shape)):
+        return f"'shape' must be [out_features, in_features] (two non-negative ints), got {shape!r}"
+    numel = shape[0] * shape[1]
+    if not (_finite_number(fp["fro"]) and fp["fro"] >= 0):
+        return f"'fro' (the Frobenius norm) must be a finite number >= 0, got {fp['fro']!r}"
+    sigma = fp["sigma"]
+    if not isinstance(sigma, list) or len(sigma) > min(shape):
+        return f"'sigma' must be a list of at most min(shape) = {min(shape)} singular values, got {sigma!r:.80}"
+    for k, v in enumerate(sigma):
+        if not (_finite_number(v) and v >= 0):
+            return f"'sigma'[{k}] must be a finite number >= 0, got {v!r}"
+    samples = fp["samples"]
+    if not isinstance(samples, list) or len(samples) > min(N_SAMPLES, numel):
+        return f"'samples' must be a list of at most {min(N_SAMPLES, numel)} [index, value] pairs, got {samples!r:.80}"
+    for k, pair in enumerate(samples):
+        if not (isinstance(pair, list) and len(pair) == 2 and _index(pair[0]) and pair[0] < numel
+                and _finite_number(pair[1])):
+            return (f"'samples'[{k}] must be [flat index in [0, {numel}), finite value], got {pair!r}")
+    return None
+
+
 def sample_indices(numel: int, n: int = N_SAMPLES) -> list[int]:
     return sorted({(k * _HASH_MULT + _HASH_ADD) % numel for k in range(min(n, numel))})
 
@@ -45,6 +87,9 @@ def fingerprint(weight: torch.Tensor, n_sigma: int = 8, singular_values: torch.T
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     w = weight.detach()
+    bad = int((~torch.isfinite(w)).sum())
+    if bad:
+        raise ValueError(f"the base weight of shape {tuple(w.shape)} has {bad} NaN/Inf entries: it has no fingerprint")
     work = torch.float64 if w.dtype == torch.float64 else torch.float32
     if singular_values is None:
         singular_values = torch.linalg.svdvals(w.to(work))
@@ -60,7 +105,14 @@ def fingerprint(weight: torch.Tensor, n_sigma: int = 8, singular_values: torch.T
 
 
 def fingerprint_mismatch(stored: dict, weight: torch.Tensor, singular_values: torch.Tensor | None = None) -> str | None:
-    """None when `weight` matches the stored fingerprint, else a sentence saying what differs."""
+    """None when `weight` matches the stored fingerprint, else a sentence saying what differs.
+    Raises AdapterError when the stored fingerprint is malformed (fingerprint_problem)."""
+    why = fingerprint_problem(stored)
+    if why is not None:
+        from .files import AdapterError  # files.py imports this module: resolved at call time
+
+        shape = tuple(weight.shape)
+        raise AdapterError(f"the adapter's fingerprint of the base weight (this base: shape {shape}) is malformed: {why}")
     shape = [int(weight.shape[0]), int(weight.shape[1])] if weight.dim() == 2 else list(weight.shape)
     if list(stored["shape"]) != shape:
         return f"the base weight has shape {tuple(shape)} but the adapter was made for {tuple(stored['shape'])}"

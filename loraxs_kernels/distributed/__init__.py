@@ -14,12 +14,13 @@ torch.distributed.tensor and FSDP. Importing this package registers the op's DTe
 """
 
 from . import sharding
-from .checkpoint import adapter_state_dict, gather_adapter, load_adapter_state_dict, save_adapter_sharded
+from .checkpoint import CollectiveFailure, adapter_state_dict, gather_adapter, load_adapter_state_dict, save_adapter_sharded
 from .comm import CollectiveBytes, CommCounter, counting_allreduce_hook
 from .sharding import UnsupportedLayout
 from .tensor_parallel import LoRAXSColwiseParallel, LoRAXSRowwiseParallel
 
 __all__ = [
+    "CollectiveFailure",
     "LoRAXSColwiseParallel",
     "LoRAXSRowwiseParallel",
     "UnsupportedLayout",

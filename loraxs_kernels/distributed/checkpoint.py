@@ -7,7 +7,13 @@
 - save_adapter_sharded: save_adapter's file, written by rank 0 from a model whose tensors are sharded
   (FSDP2, tensor parallelism) or replicated (DDP). The file's fingerprint and A/B decision need the
   whole base weight, so the full state dict (W included) is gathered to rank 0's CPU for the call.
-Every function is collective: all ranks call it.
+Every function is collective: all ranks call it, and they fail together. What a rank does on its own
+(writing the file, checking a state dict) runs under `_all_or_none`: every rank, the failing one
+included, then takes part in one all_gather_object of its outcome, and if any rank failed every rank
+raises (the failed rank its own exception, the others CollectiveFailure naming the ranks and their
+errors). Before, rank 0 raising in save_adapter left the other ranks in dist.barrier() until the
+process-group timeout (10-30 min by default); now they raise as soon as the exchange completes.
+A rank that dies (rather than raises) is still only noticed by the process-group timeout.
 """
 
 from __future__ import annotations
@@ -21,6 +27,34 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from ..adapters import save_adapter
 from ..modules.linear import FusedLoRAXSLinear
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective adapter call failed on another rank; this rank's part succeeded and was undone or
+    discarded with it (nothing was returned)."""
+
+
+@contextlib.contextmanager
+def _all_or_none(what: str, group=None):
+    """Run the block on every rank, then agree on the outcome: any rank's exception reaches every rank.
+
+    The agreement is an all_gather_object of (exception type, message) or None, made by every rank
+    whether its block raised or not, so it cannot wait for a rank that gave up: the failing rank joins
+    it on its way out."""
+    error = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001  re-raised below, after the other ranks have heard of it
+        error = e
+    outcomes = [None] * dist.get_world_size(group)
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    dist.all_gather_object(outcomes, mine, group=group)
+    if error is not None:
+        raise error
+    failed = {rank: msg for rank, msg in enumerate(outcomes) if msg is not None}
+    if failed:
+        detail = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
+        raise CollectiveFailure(f"{what} failed on rank(s) {sorted(failed)} (this is rank {dist.get_rank(group)}): {detail}")
 
 
 def _inner(model: nn.Module) -> nn.Module:
@@ -43,10 +77,13 @@ def adapter_state_dict(model: nn.Module) -> dict:
 
 def load_adapter_state_dict(model: nn.Module, state_dict: dict) -> None:
     """Load adapter_state_dict's tensors (e.g. after dcp.load) into a model of the same layout."""
-    missing = [k for k in adapter_state_dict(model) if k not in state_dict]
-    if missing:
-        raise KeyError(f"the adapter state dict lacks {len(missing)} trainable tensors, first {missing[0]!r}")
-    set_model_state_dict(model, state_dict, options=StateDictOptions(strict=False))
+    own = adapter_state_dict(model)
+    with _all_or_none("load_adapter_state_dict: checking the state dict"):
+        missing = [k for k in own if k not in state_dict]
+        if missing:
+            raise KeyError(f"the adapter state dict lacks {len(missing)} trainable tensors, first {missing[0]!r}")
+    with _all_or_none("load_adapter_state_dict"):
+        set_model_state_dict(model, state_dict, options=StateDictOptions(strict=False))
 
 
 def gather_adapter(model: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -55,7 +92,11 @@ def gather_adapter(model: nn.Module) -> dict[str, torch.Tensor] | None:
     sd = get_model_state_dict(
         model, options=StateDictOptions(ignore_frozen_params=True, full_state_dict=True, cpu_offload=True)
     )
-    return _trainable(model, sd) if dist.get_rank() == 0 else None
+    out = None
+    with _all_or_none("gather_adapter"):
+        if dist.get_rank() == 0:
+            out = _trainable(model, sd)
+    return out
 
 
 @contextlib.contextmanager
@@ -86,8 +127,8 @@ def save_adapter_sharded(model: nn.Module, path, **kwargs):
     inner = _inner(model)
     full = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     out = None
-    if dist.get_rank() == 0:
-        with _swapped(inner, full):
-            out = save_adapter(inner, path, **kwargs)
-    dist.barrier()
+    with _all_or_none("save_adapter_sharded"):  # also the barrier: no rank returns before the file exists
+        if dist.get_rank() == 0:
+            with _swapped(inner, full):
+                out = save_adapter(inner, path, **kwargs)
     return out

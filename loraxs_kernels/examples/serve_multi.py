@@ -43,8 +43,8 @@ import torch.nn.functional as F  # noqa: E402
 
 # The attention (query, key, value, attention.output.dense) and MLP (intermediate.dense,
 # output.dense) linears of every encoder layer; the pooler is not used for embeddings.
-TARGETS = [r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense"
-           r"|output\.dense)"]
+TARGETS = (r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense"
+           r"|output\.dense)")  # one string: a regular expression on the full path (a list holds names or suffixes)
 
 # Largest difference allowed between a row of the mixed batch and the same sentence through its adapter
 # alone, relative to the largest entry of that row's reference embedding. The two paths round differently:

@@ -6,8 +6,11 @@ adapter_model.bin) with, per adapted layer at dotted path P,
 
     base_model.model.P.lora_A.weight                 (r, in)   = (U_r Σ_r)ᵀ   from the SVD Wᵀ = U Σ Vᵀ
     base_model.model.P.lora_B.weight                 (out, r)  = V_r
-    base_model.model.P_lora_latent_mapping.weight    (r, r)    = Rᵀ  (PEFT strips ".default" from
+    base_model.model.P_lora_latent_mapping.weight    (r, r)    = Rᵀ  (PEFT 0.10 strips ".default" from
                                                                       "P.default_lora_latent_mapping")
+
+Current PEFT versions strip only ".default." and save the latent mapping as
+base_model.model.P.default_lora_latent_mapping.weight; both spellings are read.
 
 and forward base(x) + lora_B(R(lora_A(x)))·scaling, scaling = lora_alpha / r (lora_alpha / √r with
 use_rslora). In this package's terms: A = lora_A.weightᵀ, B = lora_B.weightᵀ, R = latent.weightᵀ.
@@ -60,6 +63,26 @@ def _read_weights(root: Path) -> dict[str, torch.Tensor]:
     raise AdapterError(f"{str(root)!r} holds neither adapter_model.safetensors nor adapter_model.bin (it holds {present})")
 
 
+# Current PEFT strips ".default." but not ".default" before "_lora_latent_mapping" when it saves, so
+# the official code's latent mapping of layer P is saved as P.default_lora_latent_mapping.weight;
+# PEFT 0.10 (the official code's) wrote P_lora_latent_mapping.weight.
+LATENT_NOW = ".default_lora_latent_mapping.weight"
+
+
+def _one_latent_spelling(keys: dict, root) -> dict:
+    """keys with every latent mapping under the P_lora_latent_mapping.weight spelling."""
+    out = {}
+    for k, v in keys.items():
+        if k.endswith(LATENT_NOW):
+            old = k[: -len(LATENT_NOW)] + LATENT
+            if old in keys:
+                raise AdapterError(f"{root}: layer {k[: -len(LATENT_NOW)]} has its latent mapping twice, as {PREFIX}{k} "
+                                   f"and {PREFIX}{old}: keep one")
+            k = old
+        out[k] = v
+    return out
+
+
 def _pattern_value(pattern: dict, path: str, default):
     # PEFT's rank_pattern / alpha_pattern keys match a module path exactly or as a suffix after a dot.
     for key, value in (pattern or {}).items():
@@ -107,7 +130,7 @@ def load_official_loraxs(model: nn.Module, path, **layer_kwargs) -> nn.Module:
     bad = [k for k in tensors if not k.startswith(PREFIX)]
     if bad:
         raise AdapterError(f"{root}: keys {bad[:3]} lack the '{PREFIX}' prefix of a PEFT checkpoint")
-    keys = {k[len(PREFIX):]: v for k, v in tensors.items()}
+    keys = _one_latent_spelling({k[len(PREFIX):]: v for k, v in tensors.items()}, root)
     paths = sorted(k[: -len(LATENT)] for k in keys if k.endswith(LATENT))
     lora_paths = sorted(k[: -len(".lora_A.weight")] for k in keys if k.endswith(".lora_A.weight"))
     if not paths:

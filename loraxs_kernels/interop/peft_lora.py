@@ -23,7 +23,34 @@ from ..modules.model import MODULES_TO_SAVE_ATTR
 PEFT_PREFIX = "base_model.model."
 
 
-def export_peft_lora(model: nn.Module, path, *, dtype: torch.dtype | None = None, modules_to_save=None) -> Path:
+# PEFT's task types (peft.TaskType values) by the suffix of a transformers model class, the way
+# AutoPeftModelFor<Task> picks the PeftModel class; a bare backbone (BertModel) extracts features.
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+_CLASS_SUFFIX_TASK = (
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+)
+
+
+def infer_task_type(model: nn.Module) -> str | None:
+    """PEFT's task_type for a transformers model, from its class name (None when it is not a
+    transformers model: the file then loads with PeftModel.from_pretrained, not AutoPeftModelFor…)."""
+    name = type(model).__name__
+    for suffix, task in _CLASS_SUFFIX_TASK:
+        if name.endswith(suffix):
+            return task
+    config = getattr(model, "config", None)
+    if config is not None and type(config).__module__.startswith("transformers") and name.endswith("Model"):
+        return "FEATURE_EXTRACTION"
+    return None
+
+
+def export_peft_lora(model: nn.Module, path, *, dtype: torch.dtype | None = None, modules_to_save=None,
+                     task_type: str | None = None) -> Path:
     """Write the model's LoRA-XS layers as a PEFT LoRA adapter directory (adapter_config.json with
     peft_type "LORA", r, lora_alpha = r, target_modules = the layers' full dotted paths, and
     adapter_model.safetensors with `base_model.model.<path>.lora_A.weight` = (A R)ᵀ and
@@ -34,7 +61,13 @@ def export_peft_lora(model: nn.Module, path, *, dtype: torch.dtype | None = None
     products are formed in fp32, fp64 for fp64 layers). modules_to_save: default the ones recorded by
     apply_loraxs / load_adapter; their state is written under their own paths, as PEFT does.
     Layers of different ranks go into rank_pattern / alpha_pattern.
+    task_type: PEFT's task type (one of TASK_TYPES, e.g. "SEQ_CLS"), which AutoPeftModelFor<Task> needs;
+    default: inferred from the model's class (infer_task_type).
     """
+    if task_type is None:
+        task_type = infer_task_type(model)
+    elif task_type not in TASK_TYPES:
+        raise ValueError(f"task_type must be one of {list(TASK_TYPES)} (PEFT's TaskType values) or None, got {task_type!r}")
     layers = [(p, m) for p, m in model.named_modules() if isinstance(m, FusedLoRAXSLinear)]
     if not layers:
         raise ValueError("the model has no FusedLoRAXSLinear layers to export")
@@ -59,7 +92,7 @@ def export_peft_lora(model: nn.Module, path, *, dtype: torch.dtype | None = None
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type,
         "base_model_name_or_path": name_or_path or None,
         "r": r,
         "lora_alpha": r,

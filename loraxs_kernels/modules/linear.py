@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import backends
 from ..ops.linear import linear_auto, loraxs_linear
-from .svd_init import svd_factors
+from .svd_init import SVDBasis, svd_basis
 
 R_INIT_STD = 1e-5  # the official code's N(0, 1e-5) start: not zeros, so R's gradient sees a non-zero R
 
@@ -176,10 +176,43 @@ def init_like_linear(layer: nn.Module) -> None:
 
 @torch.no_grad()
 def set_basis(layer: nn.Module, basis=None) -> None:
-    """lora_A and lora_B from a given (A, B) basis, else from the SVD of the layer's weight."""
-    A, B = basis if basis is not None else svd_factors(layer.weight, layer.rank)
+    """lora_A and lora_B from a given basis — an SVDBasis (whose facts are kept, see remember_basis)
+    or a bare (A, B) pair —, else from the SVD of the layer's weight."""
+    if basis is None:
+        basis = svd_basis(layer.weight, layer.rank)
+    A, B = basis[0], basis[1]
     layer.lora_A.copy_(A)
     layer.lora_B.copy_(B)
+    remember_basis(layer, basis if isinstance(basis, SVDBasis) else None)
+
+
+# The attribute a LoRA-XS layer keeps its basis facts in: (key, pivots, top singular values), valid
+# while `basis_key(layer)` equals key, i.e. while W, A and B are the tensors (and in-place versions)
+# that the SVD gave. save_adapter reads them instead of recomputing an SVD (0.03-0.4 s per MiniLM
+# layer, 51 s for a 4096×4096 one with the full SVD).
+BASIS_FACTS_ATTR = "_loraxs_svd_facts"
+
+
+def basis_key(layer: nn.Module) -> tuple:
+    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
+                 for t in (layer.weight, layer.lora_A, layer.lora_B))
+
+
+def remember_basis(layer: nn.Module, basis: "SVDBasis | None") -> None:
+    """Record that the layer's A and B are the SVD basis `basis` of its current W (None: forget)."""
+    if basis is None:
+        layer.__dict__.pop(BASIS_FACTS_ATTR, None)
+        return
+    layer.__dict__[BASIS_FACTS_ATTR] = (basis_key(layer), basis.pivots.cpu(), basis.singular_values.detach().cpu())
+
+
+def remembered_basis(layer: nn.Module):
+    """(pivots, top singular values) when the layer's A and B are still the SVD basis recorded by
+    remember_basis, else None."""
+    facts = layer.__dict__.get(BASIS_FACTS_ATTR)
+    if facts is None or facts[0] != basis_key(layer):
+        return None
+    return facts[1], facts[2]
 
 
 @torch.no_grad()
@@ -208,7 +241,7 @@ def attach_base(layer: nn.Module, linear: nn.Module, rank: int, *, share_weight:
     weight, bias, fan_in_fan_out = base_tensors(linear)
     out_features, in_features = weight.shape
     if basis is not None:
-        A, B = basis
+        A, B = basis[0], basis[1]  # a pair, or an SVDBasis
         if tuple(A.shape) != (in_features, rank) or tuple(B.shape) != (rank, out_features):
             raise ValueError(
                 f"basis must be A ({in_features}, {rank}) and B ({rank}, {out_features}) for "

@@ -110,7 +110,16 @@ class MultiLoRAXSLinear(nn.Module):
 
 
 def broadcast_ids(ids: torch.Tensor, lead) -> torch.Tensor:
-    """ids of shape lead, or of a prefix of lead (one id per sequence) expanded over the rest."""
+    """The ids for x's rows (x.shape[:-1] = lead):
+    - ids of shape lead: as they are;
+    - ids of a prefix of lead (one id per sequence): expanded over the rest;
+    - ids with more dims than lead whose leading dims are lead — per-token ids (batch, seq) at a layer
+      that sees one row per sequence, such as BERT's pooler (it reads the first token's hidden state,
+      x of shape (batch, hidden)): the ids of the first position, ids[:, 0], the token that row comes
+      from. This is the one rule for such layers; a layer that pools all positions (a mean) also takes
+      the first position's id, so give each sequence one adapter there (ids constant along seq), or
+      keep the layer out of the banks with exclude_modules.
+    """
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"adapter_ids must be a torch.Tensor, got {type(ids).__name__}")
     lead = tuple(lead)
@@ -118,6 +127,8 @@ def broadcast_ids(ids: torch.Tensor, lead) -> torch.Tensor:
         return ids
     if ids.dim() < len(lead) and tuple(ids.shape) == lead[: ids.dim()]:
         return ids.reshape(*ids.shape, *([1] * (len(lead) - ids.dim()))).expand(lead)
+    if ids.dim() > len(lead) and tuple(ids.shape[: len(lead)]) == lead:
+        return ids[(slice(None),) * len(lead) + (0,) * (ids.dim() - len(lead))]
     raise ValueError(f"adapter_ids of shape {tuple(ids.shape)} fit neither the rows of x, {lead}, nor a prefix of "
                      f"them (one id per sequence)")
 

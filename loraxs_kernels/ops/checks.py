@@ -70,11 +70,12 @@ def check_inputs(x, weight, bias, A, R, B) -> None:
             raise RuntimeError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
 
 
-def check_frozen(weight, bias, A, B) -> None:
-    """The op differentiates x and R only; a frozen tensor that asks for a gradient is a bug upstream."""
+def check_frozen(weight, bias, A, B, *, op="loraxs.linear", reference="loraxs_linear") -> None:
+    """The op differentiates x and R only; a frozen tensor that asks for a gradient is a bug upstream.
+    op / reference: the op's name and its plain-autograd twin (csrc/contract.cpp takes the same two)."""
     for name, t in (("weight", weight), ("bias", bias), ("A", A), ("B", B)):
         if t is not None and t.requires_grad:
             raise RuntimeError(
-                f"loraxs.linear computes gradients for x and R only, but {name} {_shape(t)} requires grad; "
-                f"freeze it (requires_grad_(False)) or use loraxs_kernels.reference.loraxs_linear"
+                f"{op} computes gradients for x and R only, but {name} {_shape(t)} requires grad; "
+                f"freeze it (requires_grad_(False)) or use loraxs_kernels.reference.{reference}"
             )

@@ -4,6 +4,8 @@ several Python layers), identical in what it computes; loraxs_linear warns once 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import backends
@@ -24,10 +26,15 @@ def _autocast(x, weight, bias, A, R, B):
     return cast(x), cast(weight), cast(bias), cast(A), (R if R.dtype == torch.float32 else cast(R)), cast(B)
 
 
+def _rows(t):
+    """t (..., k) as (M, k); reshape(-1, k) is ambiguous for an empty t when k == 0 (a zero-size layer)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, R, B, scaling, backend):
-        x2 = x.reshape(-1, weight.shape[1])
+        x2 = _rows(x)
         impl = backends.get(backend, x.device, x.dtype, x2.shape[0], A.shape[1])
         y, xa = impl.forward(x2, weight, bias, A, R, B, float(scaling))
         ctx.save_for_backward(xa if R.requires_grad else None, weight, A, R, B)
@@ -41,7 +48,7 @@ class _Linear(torch.autograd.Function):
         need_x, need_R = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
         if xa is None:
             xa = grad_out.new_empty((0, A.shape[1]))
-        g2 = grad_out.reshape(-1, weight.shape[0])
+        g2 = _rows(grad_out)
         grad_x, grad_R = ctx.impl.backward(g2, xa, weight, A, R, B, ctx.scaling, need_x, need_R)
         if need_x:
             grad_x = grad_x.reshape(grad_out.shape[:-1] + (weight.shape[1],))

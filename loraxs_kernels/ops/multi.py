@@ -53,6 +53,16 @@ def check_multi_inputs(x, weight, bias, A, R, B, adapter_ids, adapter_scaling=No
     _check_ids(adapter_ids, x.shape[:-1], x.device, R, "x", values)
 
 
+def check_multi_frozen(weight, bias, A, B, adapter_scaling) -> None:
+    """What csrc/multi_contract.cpp's check_multi_frozen raises, word for word: the op differentiates x
+    and the bank only, so a frozen layer tensor or a scaling tensor that asks for a gradient is refused
+    (never silently detached)."""
+    check_frozen(weight, bias, A, B, op="loraxs.linear_multi", reference="loraxs_linear_multi")
+    if adapter_scaling is not None and adapter_scaling.requires_grad:
+        raise RuntimeError(f"loraxs.linear_multi computes gradients for x and R only, but adapter_scaling "
+                           f"{_shape(adapter_scaling)} requires grad; detach it")
+
+
 def _check_ids(ids, lead, device, R, rows, values):
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"adapter_ids must be a torch.Tensor, got {type(ids).__name__}")
@@ -95,7 +105,7 @@ if NATIVE_REASON is None:
     _OP = torch.ops.loraxs.linear_multi.default
 else:
     _OP = None
-    _warned = False
+_warned = False
 
 
 def loraxs_linear_multi(x, weight, bias, A, R, B, adapter_ids, scaling=1.0, *, backend: str = "auto") -> torch.Tensor:
@@ -139,6 +149,6 @@ def _fallback(x, weight, bias, A, R, B, adapter_ids, scaling, adapter_scaling):
                       "extension (`make build`) for its kernels.", RuntimeWarning, stacklevel=3)
     check_multi_inputs(x, weight, bias, A, R, B, adapter_ids, adapter_scaling)
     if torch.is_grad_enabled():
-        check_frozen(weight, bias, A, B)
-    s = scaling if adapter_scaling is None else scaling * adapter_scaling.detach()
+        check_multi_frozen(weight, bias, A, B, adapter_scaling)
+    s = scaling if adapter_scaling is None else scaling * adapter_scaling
     return reference.loraxs_linear_multi(x, weight, bias, A, R, B, adapter_ids, s)

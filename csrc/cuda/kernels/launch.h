@@ -136,7 +136,7 @@ struct MultiRowsArgs {
   int64_t M = 0, r = 0, n = 0;
   const void* in = nullptr;            // (M, r) in dt, any strides
   int64_t s_in0 = 0, s_in1 = 0;
-  const void* R = nullptr;             // (n, r, r) in r_dtype (dt, or kFloat beside a 16-bit dt), any strides
+  const void* R = nullptr;             // (n, r, r) in r_dtype (dt, or kFloat beside a 16-bit or fp64 dt), any strides
   int64_t s_rn = 0, s_r0 = 0, s_r1 = 0;
   DType r_dtype = DType::kFloat;
   bool transpose_R = false;
@@ -164,7 +164,7 @@ struct MultiGradRArgs {
   const int64_t* seg = nullptr;        // (n + 1,) contiguous
   const double* adapter_scale = nullptr;  // (n,) contiguous or null
   double scaling = 1.0;
-  void* out = nullptr;                 // (n, r, r) contiguous, in out_dtype (dt, or kFloat beside a 16-bit dt)
+  void* out = nullptr;                 // (n, r, r) contiguous, in out_dtype (dt, or kFloat beside a 16-bit or fp64 dt)
   DType out_dtype = DType::kFloat;
 };
 cudaError_t multi_grad_r(DType dt, const MultiGradRArgs& a, cudaStream_t stream);

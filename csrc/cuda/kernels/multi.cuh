@@ -19,9 +19,9 @@
 // xaᵀu over adapter k's rows, perm[seg[k] .. seg[k+1]), in that order (the binding's stable sort keeps
 // the batch order within an adapter), in fp32 (fp64 for fp64), then multiplies by s_k and rounds once
 // to R's dtype. No atomics and no workspace: the same bits on every run and every GPU. An adapter with
-// no rows gets zeros. The segment of one adapter is summed by one CTA per tile: a batch whose rows all
-// belong to one adapter serialises over M there (M·r² FMAs on ⌈r/32⌉² CTAs), the price of one
-// launch with no split workspace; the single-adapter path splits over M instead.
+// no rows gets exact zeros whatever its scaling. The segment of one adapter is summed by one CTA per
+// tile: a batch whose rows all belong to one adapter serialises over M there (M·r² FMAs on ⌈r/32⌉²
+// CTAs), the price of one launch with no split workspace; the single-adapter path splits over M instead.
 #pragma once
 
 #include <type_traits>
@@ -36,9 +36,11 @@ namespace multi {
 constexpr int ROWS = 8, THREADS = 32 * ROWS;  // one warp per row
 constexpr int PER_LANE = kMaxRank / 32;       // output columns per lane at the largest rank
 constexpr int TILE = 32, GR_THREADS = 256;    // grad_R: 32×32 tile, 4 outputs per thread
-// An fp32 master bank exists only beside the 16-bit layers (the op's contract).
+// An fp32 master bank beside a 16-bit layer, or beside an fp64 layer (the op's contract takes an fp32 R
+// beside any layer dtype; fp32 beside fp32 is the same-dtype kernel).
 template <typename T>
-constexpr bool kHalfType = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
+constexpr bool kFp32BankOk = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value ||
+                             std::is_same<T, double>::value;
 }  // namespace multi
 
 // out_i[j] = s_i·Σ_c in_i[c]·R[id_i](c, j), where R(c, j) = R[c·s_rc + j·s_rj]: (s_r0, s_r1) for R, swapped
@@ -53,7 +55,11 @@ __global__ void __launch_bounds__(multi::THREADS)
   const int64_t row = static_cast<int64_t>(blockIdx.x) * multi::ROWS + w;
   const int r = static_cast<int>(a.r);
   const bool row_ok = row < a.M;
-  const int64_t id = row_ok ? adapter_of(a.ids, a.ids_type, row) : -1;
+  // An id outside [0, n) gets the base row (zeros here). The op's contract refuses such ids before any
+  // launch; inside a CUDA-graph capture it checks them on the device instead (torch._assert_async,
+  // multi_cuda.cpp), and this guard keeps the read inside the bank whatever the order of events.
+  const int64_t raw = row_ok ? adapter_of(a.ids, a.ids_type, row) : -1;
+  const int64_t id = raw < a.n ? raw : -1;
   const T* in = static_cast<const T*>(a.in);
   if (id >= 0) {
     for (int c = lane; c < r; c += 32) s_in[w][c] = Num<T>::to_acc(in[row * a.s_in0 + c * a.s_in1]);
@@ -96,7 +102,7 @@ cudaError_t launch_multi_rows(const MultiRowsArgs& a, cudaStream_t stream) {
   const bool transposed = a.transpose_R;
   const int64_t s_rc = transposed ? a.s_r1 : a.s_r0;
   const int64_t s_rj = transposed ? a.s_r0 : a.s_r1;
-  if constexpr (multi::kHalfType<T>) {
+  if constexpr (multi::kFp32BankOk<T>) {
     if (a.r_dtype == DType::kFloat) {
       multi_rows_kernel<T, float><<<static_cast<unsigned>(blocks), multi::THREADS, 0, stream>>>(a, s_rc, s_rj);
       return cudaSuccess;
@@ -143,7 +149,9 @@ __global__ void __launch_bounds__(multi::GR_THREADS) multi_grad_r_kernel(const M
     }
     __syncthreads();
   }
-  const Acc s = static_cast<Acc>(adapter_scaling_of(a.scaling, a.adapter_scale, k));
+  // An adapter with no rows stores exact zeros: its scaling is not read (an unused slot of an
+  // adapter_scaling tensor may hold inf or NaN, and inf·0 is NaN).
+  const Acc s = p_end > p_begin ? static_cast<Acc>(adapter_scaling_of(a.scaling, a.adapter_scale, k)) : Acc(0);
   OutT* out = static_cast<OutT*>(a.out);
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
@@ -160,7 +168,7 @@ cudaError_t launch_multi_grad_r(const MultiGradRArgs& a, cudaStream_t stream) {
   if (a.n > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const unsigned tiles = static_cast<unsigned>(ceil_div(a.r, multi::TILE));
   const dim3 grid(static_cast<unsigned>(a.n), tiles, tiles);
-  if constexpr (multi::kHalfType<T>) {
+  if constexpr (multi::kFp32BankOk<T>) {
     if (a.out_dtype == DType::kFloat) {
       multi_grad_r_kernel<T, float><<<grid, multi::GR_THREADS, 0, stream>>>(a);
       return cudaSuccess;

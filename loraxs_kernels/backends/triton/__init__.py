@@ -296,6 +296,21 @@ def _grad_r(xa, u, grad_R, scaling):
 
 
 # ------------------------------------------------------------------------------------ interface
+def zero_feature_forward(x, A, bias, y, xa):
+    """A layer with in or out features = 0 launches nothing (a zero-width grid and an empty K loop are
+    corner cases the kernels were not written for). in = 0: x A is exactly 0; out = 0: y is empty. Either
+    way y = b and the rank-r term vanishes."""
+    if A.shape[0] == 0:
+        xa.zero_()
+    else:
+        torch.mm(x, A, out=xa)
+    if bias is not None:
+        y.copy_(bias.expand_as(y))
+    else:
+        y.zero_()
+    return y, xa
+
+
 def forward(x, weight, bias, A, R, B, scaling):
     """x: (M, in), any strides → (y (M, out), x A (M, r)), both in x's dtype.
 
@@ -306,6 +321,8 @@ def forward(x, weight, bias, A, R, B, scaling):
     xa = torch.empty((M, r), device=x.device, dtype=x.dtype)
     if M == 0:
         return y, xa
+    if 0 in weight.shape:
+        return zero_feature_forward(x, A, bias, y, xa)
     if x.stride(1) * 256 > _INT32_LIMIT:
         # The K loop steps pointers by BLOCK_K·stride in int32; a K stride this large only comes from a
         # transposed view of a huge x, where one copy is cheaper than int64 arithmetic in every step.
@@ -330,6 +347,9 @@ def backward(grad_out, xa, weight, A, R, B, scaling, need_x: bool, need_R: bool)
     grad_x = torch.empty((M, in_features), device=dev, dtype=grad_out.dtype) if need_x else None
     if M == 0:
         return grad_x, (torch.zeros((r, r), device=dev, dtype=R.dtype) if need_R else None)
+    if 0 in weight.shape:  # x A = 0 (in = 0) or g Bᵀ = 0 (out = 0): both gradients are zero
+        grad_R = torch.zeros((r, r), device=dev, dtype=R.dtype) if need_R else None
+        return (grad_x.zero_() if need_x else None), grad_R
     fused = need_x and configs.schedule(padded_rank(r)) == "fused"
     grad_R = torch.empty((r, r), device=dev, dtype=R.dtype) if need_R else None
     # u = g Bᵀ: grad_R's input, and the split GEMM's (it forms T = s·u Rᵀ from it).

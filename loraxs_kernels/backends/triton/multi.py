@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 
-from . import INTERPRETED, _arch, _device_guard, _precision, _split_scaling, configs, padded_rank
+from . import INTERPRETED, _arch, _device_guard, _precision, _split_scaling, configs, padded_rank, zero_feature_forward
 from . import backward_launch_args, forward_launch_args
 from .gemm_rank_r import gemm_rank_r_kernel
 from .grad_r_segments import grad_r_segments_kernel
@@ -228,6 +228,8 @@ def forward_multi(x, weight, bias, A, R, B, ids, scaling: float, adapter_scaling
     xa = torch.empty((M, r), device=x.device, dtype=x.dtype)
     if M == 0:
         return y, xa
+    if 0 in weight.shape:
+        return zero_feature_forward(x, A, bias, y, xa)
     x = _rows_operand(x)
     t = torch.empty((M, r), device=x.device, dtype=x.dtype)
     with _device_guard(x):
@@ -248,6 +250,9 @@ def backward_multi(grad_out, xa, weight, A, R, B, ids, scaling: float, adapter_s
     grad_x = torch.empty((M, weight.shape[1]), device=dev, dtype=grad_out.dtype) if need_x else None
     if M == 0:
         return grad_x, (torch.zeros(R.shape, device=dev, dtype=R.dtype) if need_R else None)
+    if 0 in weight.shape:  # as in the single-adapter backward: both gradients are zero
+        grad_R = torch.zeros(R.shape, device=dev, dtype=R.dtype) if need_R else None
+        return (grad_x.zero_() if need_x else None), grad_R
     g = _rows_operand(grad_out)
     u = torch.empty((M, r), device=dev, dtype=g.dtype) if need_R else None
     t = torch.empty((M, r), device=dev, dtype=g.dtype) if need_x else None
