@@ -9,11 +9,19 @@
   whole base weight, so the full state dict (W included) is gathered to rank 0's CPU for the call.
 Every function is collective: all ranks call it, and they fail together. What a rank does on its own
 (writing the file, checking a state dict) runs under `_all_or_none`: every rank, the failing one
-included, then takes part in one all_gather_object of its outcome, and if any rank failed every rank
-raises (the failed rank its own exception, the others CollectiveFailure naming the ranks and their
-errors). Before, rank 0 raising in save_adapter left the other ranks in dist.barrier() until the
-process-group timeout (10-30 min by default); now they raise as soon as the exchange completes.
-A rank that dies (rather than raises) is still only noticed by the process-group timeout.
+included, then posts its outcome to the process group's store and reads every rank's, and if any rank
+failed every rank raises (the failed rank its own exception, the others CollectiveFailure naming the
+ranks and their errors). Before, rank 0 raising in save_adapter left the other ranks in dist.barrier()
+until the process-group timeout (10-30 min by default); now they raise as soon as the outcomes are in.
+A rank that dies (rather than raises) is still only noticed by the store's timeout.
+
+Why the store and not all_gather_object: a gloo collective on tensors made in Python ends with a gloo
+worker thread dropping them, which takes the GIL. When that was the program's last collective, the
+main thread could reach ~ProcessGroupGloo (freeing a DDP model after destroy_process_group) first and
+join that worker while holding the GIL: a deadlock at exit, seen in 4 of 10 runs of
+`torchrun --nproc_per_node=2 -m loraxs_kernels.examples.train_distributed --strategy ddp --out DIR`
+(gdb: main thread in ProcessGroupGloo::~ProcessGroupGloo -> thread::join, worker in
+~AsyncAllgatherWork -> decref_pyobject -> take_gil). Store operations run no gloo work.
 """
 
 from __future__ import annotations
@@ -34,27 +42,42 @@ class CollectiveFailure(RuntimeError):
     discarded with it (nothing was returned)."""
 
 
+def _outcomes(mine: str | None) -> dict[int, str]:
+    """Every rank's outcome of the same collective call ("" = success), through the default store.
+
+    The nth call on each rank uses keys under a prefix numbered n (each rank counts its own calls in the
+    store, so the numbering restarts with a new process group); the last rank to read deletes them."""
+    store = dist.distributed_c10d._get_default_store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n = store.add(f"loraxs/agree/calls/{rank}", 1)
+    prefix = f"loraxs/agree/{n}/"
+    store.set(prefix + str(rank), mine or "")
+    keys = [prefix + str(r) for r in range(world)]
+    store.wait(keys)  # the store's timeout (the process group's) bounds a rank that died
+    got = {r: store.get(k).decode() for r, k in enumerate(keys)}
+    if store.add(prefix + "read", 1) == world:
+        for k in (*keys, prefix + "read"):
+            store.delete_key(k)
+    return {r: m for r, m in got.items() if m}
+
+
 @contextlib.contextmanager
-def _all_or_none(what: str, group=None):
+def _all_or_none(what: str):
     """Run the block on every rank, then agree on the outcome: any rank's exception reaches every rank.
 
-    The agreement is an all_gather_object of (exception type, message) or None, made by every rank
-    whether its block raised or not, so it cannot wait for a rank that gave up: the failing rank joins
-    it on its way out."""
+    Every rank posts its outcome whether its block raised or not, so no rank waits for one that gave
+    up: the failing rank posts on its way out."""
     error = None
     try:
         yield
     except Exception as e:  # noqa: BLE001  re-raised below, after the other ranks have heard of it
         error = e
-    outcomes = [None] * dist.get_world_size(group)
-    mine = None if error is None else f"{type(error).__name__}: {error}"
-    dist.all_gather_object(outcomes, mine, group=group)
+    failed = _outcomes(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
-    failed = {rank: msg for rank, msg in enumerate(outcomes) if msg is not None}
     if failed:
-        detail = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
-        raise CollectiveFailure(f"{what} failed on rank(s) {sorted(failed)} (this is rank {dist.get_rank(group)}): {detail}")
+        detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(failed.items()))
+        raise CollectiveFailure(f"{what} failed on rank(s) {sorted(failed)} (this is rank {dist.get_rank()}): {detail}")
 
 
 def _inner(model: nn.Module) -> nn.Module:
