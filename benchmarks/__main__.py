@@ -212,11 +212,8 @@ def run_case(case: Case, device: torch.device, providers: list[Provider], modes:
         with measure.OtherLoad() as other:
             timings = measure.time_interleaved(steps, device, case_settings, on_error=lambda n, e: fail(n, mode, e))
         for name, t in timings.items():
-            try:
-                peak_mem = measure.peak_mem_bytes(steps[name], device)
-            except Exception as e:
-                peak_mem = None
-                log(f"{name}: peak memory not measured on {case.id} ({mode}): {_one_line(e)}")
+            peak_mem = measure.peak_mem_or_none(steps[name], device, lambda e: log(
+                f"{name}: peak memory not measured on {case.id} ({mode}): {_one_line(e)}"))
             n_flops = roofline.flops(M, K, N, r, mode, lora[name])
             n_bytes = roofline.min_bytes(M, K, N, r, mode, case.dtype, lora[name])
             median = t.median_ms

@@ -170,11 +170,8 @@ def measure_model(spec: ModelSpec, device: torch.device, providers: list[str], s
                                            on_error=lambda n, e: skipped.__setitem__(n, f"timing failed: {e}"))
     records = []
     for name, t in timings.items():
-        try:
-            peak = measure.peak_mem_bytes(steps[name], device)
-        except Exception as e:
-            peak = None
-            log(f"e2e {spec.name}: {name}: peak memory not measured: {type(e).__name__}: {e}")
+        peak = measure.peak_mem_or_none(steps[name], device, lambda e: log(
+            f"e2e {spec.name}: {name}: peak memory not measured: {type(e).__name__}: {e}"))
         floor, ours = timings.get("frozen_base"), timings.get("ours")
         records.append(dict(
             kind="train", model=spec.name, provider=name, batch=spec.batch, seq=spec.seq,

@@ -299,6 +299,16 @@ def peak_mem_bytes(step: Step, device: torch.device) -> int | None:
     return None
 
 
+def peak_mem_or_none(step: Step, device: torch.device, on_error) -> int | None:
+    """peak_mem_bytes, or None after on_error(exception) when the measurement itself fails (a report
+    row keeps its timing without a peak)."""
+    try:
+        return peak_mem_bytes(step, device)
+    except Exception as e:  # noqa: BLE001  reported through on_error, the row stays
+        on_error(e)
+        return None
+
+
 _MARK = "benchmarks.measured_step"
 
 

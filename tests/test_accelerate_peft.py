@@ -58,18 +58,25 @@ def _abs_R(v, P):
     return torch.einsum("i,ijk->kj", v.detach().double().abs(), P.detach().double().abs())
 
 
+def fused_and_peft(layer, x, g, trained):
+    """The layer's output and the gradient of `trained` (for cotangent g): fused (exactly one op
+    call), then through PEFT's own forward."""
+    with fused_calls() as calls:
+        y_ours = layer(x)
+    assert calls.n == 1, "the fused op did not run"
+    grad_ours, = torch.autograd.grad(y_ours, trained, g)
+    y_peft = getattr(layer, UNFUSED_FORWARD)(x)
+    grad_peft, = torch.autograd.grad(y_peft, trained, g)
+    return y_ours, grad_ours, y_peft, grad_peft
+
+
 def compare_tinylora_layer(layer, x, g, dtype):
     """Fused forward (layer(x)) vs PEFT's own (UNFUSED_FORWARD): y and grad_v per element."""
     adapter = layer.active_adapters[0]
     v = layer.tinylora_v[adapter][layer._tinylora_v_key[adapter]]
     P = layer.tinylora_P[adapter]
     base = layer.get_base_layer()
-    with fused_calls() as calls:
-        y_ours = layer(x)
-    assert calls.n == 1, "the fused op did not run"
-    gv_ours, = torch.autograd.grad(y_ours, v, g)
-    y_peft = getattr(layer, UNFUSED_FORWARD)(x)
-    gv_peft, = torch.autograd.grad(y_peft, v, g)
+    y_ours, gv_ours, y_peft, gv_peft = fused_and_peft(layer, x, g, v)
     A, B = layer.tinylora_A[adapter].t(), layer.tinylora_B[adapter].t()
     sy, _, sR = abs_bound_parts(x, base.weight, base.bias, A, _abs_R(v, P), B, 1.0, g)
     r, u = A.shape[1], P.shape[0]
@@ -193,12 +200,7 @@ def _official(seed=0, alpha=8):
 def compare_official_layer(layer, x, g):
     latent = layer.default_lora_latent_mapping.weight
     base = layer.get_base_layer()
-    with fused_calls() as calls:
-        y_ours = layer(x)
-    assert calls.n == 1, "the fused op did not run"
-    gl_ours, = torch.autograd.grad(y_ours, latent, g)
-    y_peft = getattr(layer, UNFUSED_FORWARD)(x)
-    gl_peft, = torch.autograd.grad(y_peft, latent, g)
+    y_ours, gl_ours, y_peft, gl_peft = fused_and_peft(layer, x, g, latent)
     A, B, s = layer.lora_A["default"].weight.t(), layer.lora_B["default"].weight.t(), layer.scaling["default"]
     sy, _, sR = abs_bound_parts(x, base.weight, base.bias, A, latent.t(), B, s, g)
     dy, _, dR = depths(base.in_features, base.out_features, 4, x.shape[:-1].numel())

@@ -19,7 +19,7 @@ import loraxs_kernels as lk
 from common import assert_close
 from loraxs_kernels import FusedLoRAXSLinear, MultiLoRAXSLinear, apply_loraxs, load_adapter, merge_loraxs, save_adapter
 from loraxs_kernels.adapters import AdapterError
-from loraxs_kernels.adapters.files import _svd_residual
+from loraxs_kernels.adapters.slots import _svd_residual
 
 LAYERS = ["block.q_proj", "block.v_proj", "block.up", "block.down"]
 
@@ -290,7 +290,7 @@ def test_modules_to_save_must_match_the_model(tmp_path):
 def test_svd_residual_tolerance(dtype):
     """The bank check's yardstick (_DERIVABLE_TOL of the weight's dtype): the SVD basis passes in every
     dtype; a basis turned by 1 % inside its own span (planted) fails in fp32 and fp64, a random one in all."""
-    from loraxs_kernels.adapters.files import _DERIVABLE_TOL
+    from loraxs_kernels.adapters.slots import _DERIVABLE_TOL
     from loraxs_kernels.modules.svd_init import svd_basis
 
     w = nn.Linear(96, 64).weight.detach().to(dtype)

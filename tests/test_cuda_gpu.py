@@ -359,19 +359,22 @@ def test_multi_10000_adapters(small_m_path, dtype):
         check_multi(x, w, b, A, R, B, ids, None, dtype, f"10k adapters M={M}")
 
 
-@pytest.mark.parametrize("dtype", ALL + [torch.float64], ids=str)
-def test_multi_grad_R_is_deterministic(dtype):
-    """grad_R sums each adapter's rows in batch order (one CTA per adapter and tile): bitwise equal run to run."""
+def _assert_multi_grad_R_bitwise_repeatable(dtype, backend):
     x, w, b, A, R, B, ids, _ = multi_inputs(5000, 128, 96, 32, 12, dtype)
-    g = None
-    runs = []
+    runs, g = [], None
     for _ in range(3):
         R.grad = None
-        y = loraxs_linear_multi(x, w, b, A, R, B, ids, SCALING, backend="cuda")
+        y = loraxs_linear_multi(x, w, b, A, R, B, ids, SCALING, backend=backend)
         g = grad_like(y) if g is None else g
         y.backward(g)
         runs.append(R.grad.clone())
-    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    assert all(torch.equal(runs[0], r) for r in runs[1:]), f"grad_R differs between runs on backend {backend!r}"
+
+
+@pytest.mark.parametrize("dtype", ALL + [torch.float64], ids=str)
+def test_multi_grad_R_is_deterministic(dtype):
+    """grad_R sums each adapter's rows in batch order (one CTA per adapter and tile): bitwise equal run to run."""
+    _assert_multi_grad_R_bitwise_repeatable(dtype, "cuda")
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
@@ -424,15 +427,7 @@ def test_multi_unused_slot_with_inf_and_nan_scaling(backend):
 def test_multi_grad_R_is_deterministic_on_the_aten_schedule(dtype):
     """Backend "torch" (what "auto" runs for fp64 and strict fp32): grad_R by segment_reduce over the
     sorted rows, no index_add_ (float atomics): the same bits run to run."""
-    x, w, b, A, R, B, ids, _ = multi_inputs(5000, 128, 96, 32, 12, dtype)
-    runs, g = [], None
-    for _ in range(3):
-        R.grad = None
-        y = loraxs_linear_multi(x, w, b, A, R, B, ids, SCALING, backend="torch")
-        g = grad_like(y) if g is None else g
-        y.backward(g)
-        runs.append(R.grad.clone())
-    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    _assert_multi_grad_R_bitwise_repeatable(dtype, "torch")
 
 
 @pytest.mark.parametrize("backend", _cuda_multi_backends())

@@ -185,6 +185,57 @@ def test_cpu_schedule_choice(schedule):
     assert "aten::sort" in ops, ops
 
 
+def per_sequence_ids(batch, seq, n, seed, minus_one_every=0):
+    """One adapter per sequence (the serving layout), broadcast over its tokens: every adapter's rows are
+    one run of consecutive rows when no adapter serves two sequences; every minus_one_every-th sequence -1."""
+    g = torch.Generator().manual_seed(seed)
+    per_seq = torch.randperm(n, generator=g)[:batch]
+    if minus_one_every:
+        per_seq[::minus_one_every] = -1
+    return per_seq[:, None].expand(batch, seq)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_minus_one", [False, True], ids=["all-adapted", "minus-one-sequences"])
+def test_runs_schedule(dtype, with_minus_one):
+    """Each adapter's rows one run (one adapter per sequence, few adapters with many rows: the grouped
+    rule): the GEMMs run on the runs in place, no sort, gather or scatter, forward and backward; values
+    and gradients within the bounds of check_multi, unused adapters' gradients exactly zero."""
+    batch, seq, r, n = 6, 40, 32, 9
+    x, w, b, A, R, B, _ = make_multi((batch, seq), 48, 40, r, n, dtype, seed=5)
+    ids = per_sequence_ids(batch, seq, n, seed=2, minus_one_every=3 if with_minus_one else 0)
+    inputs = (x, w, b, A, R, B, ids)
+    ops = _aten_ops(lambda: loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids, 0.75).sum().backward())
+    assert not {"aten::sort", "aten::bmm", "aten::index_copy_", "aten::index_select"} & ops, ops
+    _, _, gR = check_multi(multi(w, b, A, B, ids, 0.75), inputs, 0.75, dtype, f"runs {dtype}")
+    unused = sorted(set(range(n)) - set(ids[ids >= 0].tolist()))
+    assert unused and torch.equal(gR[unused], torch.zeros_like(gR[unused]))
+
+
+def test_runs_schedule_gives_the_grouped_schedules_values():
+    """The same rows as one run each or scattered over the batch (the sorted grouped schedule): the same
+    per-row outputs and the same grad_R up to rounding, grad_R twice the same bits."""
+    batch, seq, r, n = 6, 40, 32, 9
+    x, w, b, A, R, B, _ = make_multi((batch, seq), 48, 40, r, n, torch.float64, seed=6)
+    ids = per_sequence_ids(batch, seq, n, seed=4, minus_one_every=4)
+    perm = torch.randperm(batch * seq, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(batch * seq, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    outs = []
+    for rows in (torch.arange(batch * seq), perm, torch.arange(batch * seq)):
+        R.grad = None
+        xr = x.detach().reshape(-1, 48)[rows].requires_grad_()
+        y = loraxs_kernels.loraxs_linear_multi(xr, w, b, A, R, B, ids.reshape(-1)[rows], 0.75)
+        y.backward(g[rows])
+        inv = torch.empty_like(rows)
+        inv[rows] = torch.arange(rows.numel())
+        outs.append((y.detach()[inv], xr.grad[inv], R.grad.clone()))
+    (y0, gx0, gR0), (y1, gx1, gR1), (_, _, gR2) = outs
+    torch.testing.assert_close(y1, y0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gR1, gR0, rtol=1e-12, atol=1e-12)
+    assert torch.equal(gR2, gR0)
+
+
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_grad_R_is_reproducible_and_per_adapter(schedule):
     """Two runs give the same bits; adapter k's gradient depends on its own rows only: the batch with

@@ -6,10 +6,10 @@ absolute-value bounds), and grad_R of every adapter no row used exactly zero.
 Each case draws: a dtype (fp64, fp32, bf16, fp16) and an fp32 master bank beside a 16-bit or fp64 layer;
 int32 or int64 ids; a bank of n = 1 … 5,000 adapters and r = 1 … 256 (n·r² kept under ~1M numbers so a
 case stays fast); an ids pattern (random with -1 rows, all -1, one adapter, every row its own adapter,
-mostly -1); x, the bank and the ids strided or not; a float or a per-adapter scaling tensor (with inf
+mostly -1, runs of one id per sequence); x, the bank and the ids strided or not; a float or a per-adapter scaling tensor (with inf
 and NaN in slots no row uses); 1- to 3-D leading dims with a small M. The CPU kernel picks its schedule
-per call (csrc/cpu/multi_aten.cpp: per row when used·6000 > active·r², else grouped); the draw is
-steered so both appear, and a third share of the cases runs the device plan (LORAXS_MULTI_DEVICE_PLAN=1:
+per call (csrc/cpu/multi_aten.cpp: per row when used·6000 > active·r², else grouped, on the runs in
+place when each adapter's rows are consecutive); the draw is steered so all three appear, and a third share of the cases runs the device plan (LORAXS_MULTI_DEVICE_PLAN=1:
 what cuBLAS runs on CUDA, no host copies, segmented grad_R). test_every_schedule_is_covered counts them.
 """
 
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(native_reason() is not None and allow_no_native(
 CASES = 320
 SEED = 20261202
 BANK_NUMBERS = 1 << 20  # n·r² at most: a 5,000-adapter bank at r <= 14, r = 256 with n <= 16
-PATTERNS = ["random", "all-minus-one", "one-adapter", "every-row-its-own", "mostly-minus-one"]
+PATTERNS = ["random", "all-minus-one", "one-adapter", "every-row-its-own", "mostly-minus-one", "per-sequence"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -44,7 +44,10 @@ def schedule_of(ids: torch.Tensor, r: int, device_plan: bool) -> str:
     used = len(set(flat[flat >= 0].tolist()))
     if active == 0:
         return "none"
-    return "per-row" if used * 6000 > active * r * r else "grouped"
+    if used * 6000 > active * r * r:
+        return "per-row"
+    runs = sum(1 for i, k in enumerate(flat.tolist()) if k >= 0 and (i == 0 or int(flat[i - 1]) != k))
+    return "runs" if runs == used else "grouped"  # runs: each adapter's rows consecutive, no sort
 
 
 def draw(i: int) -> dict:
@@ -65,9 +68,7 @@ def draw(i: int) -> dict:
     lead = rnd.choice([(rnd.randint(1, 40),), (rnd.randint(1, 5), rnd.randint(1, 8)), (2, rnd.randint(1, 3), 3)])
     if want_grouped:
         lead = (rnd.randint(30, 60),)
-    pattern = "one-adapter" if want_grouped and rnd.random() < 0.5 else rnd.choice(PATTERNS)
-    if want_grouped and pattern not in ("one-adapter",):
-        pattern = "random"
+    pattern = rnd.choice(["one-adapter", "per-sequence", "random"]) if want_grouped else rnd.choice(PATTERNS)
     return dict(dtype=dtype, r_dtype=r_dtype, r=r, n=n, lead=lead, pattern=pattern,
                 in_f=rnd.randint(1, 48), out_f=rnd.randint(1, 48), bias=rnd.random() < 0.7,
                 id_dtype=rnd.choice([torch.int32, torch.int64]), strided_x=rnd.random() < 0.4,
@@ -86,6 +87,10 @@ def ids_for(pattern, lead, n, g):
         ids = torch.full((M,), int(torch.randint(0, n, (1,), generator=g)))
     elif pattern == "every-row-its-own":
         ids = torch.randperm(n, generator=g)[:M].repeat(M // n + 1)[:M] if n < M else torch.randperm(n, generator=g)[:M]
+    elif pattern == "per-sequence":  # runs of one id (some -1), an id possibly repeated in a later run
+        seqs = max(1, M // max(1, lead[-1])) if len(lead) > 1 else max(1, M // 10)
+        per = torch.randint(-1, n, (seqs,), generator=g)
+        ids = per.repeat_interleave(-(-M // seqs))[:M]
     else:  # mostly -1
         ids = torch.where(torch.rand(M, generator=g) < 0.8, -1, torch.randint(0, n, (M,), generator=g))
     return ids.reshape(lead)
@@ -166,7 +171,7 @@ def test_fuzz_case(i, device_plan):
 
 
 def test_every_schedule_is_covered():
-    """The draw reaches both CPU schedules, the device plan, every ids pattern, both id dtypes, every dtype,
+    """The draw reaches the three CPU schedules (per row, grouped, runs), the device plan, every ids pattern, both id dtypes, every dtype,
     an fp32 bank, the extremes of n and r, and inf/NaN in unused scaling slots."""
     seen = {"schedule": set(), "pattern": set(), "id": set(), "dtype": set(), "r_dtype": set(), "poison": 0}
     n_max = r_max = 0
@@ -180,7 +185,7 @@ def test_every_schedule_is_covered():
         seen["r_dtype"].add((c["dtype"], c["r_dtype"]))
         seen["poison"] += int(isinstance(s, torch.Tensor) and not bool(torch.isfinite(s).all()))
         n_max, r_max = max(n_max, c["n"]), max(r_max, c["r"])
-    assert {"per-row", "grouped", "device", "none"} <= seen["schedule"], seen["schedule"]
+    assert {"per-row", "grouped", "runs", "device", "none"} <= seen["schedule"], seen["schedule"]
     assert seen["pattern"] == set(PATTERNS) and seen["id"] == {torch.int32, torch.int64}
     assert seen["dtype"] == set(DTYPES)
     assert (torch.float64, torch.float32) in seen["r_dtype"] and (torch.bfloat16, torch.float32) in seen["r_dtype"]

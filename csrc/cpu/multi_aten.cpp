@@ -6,6 +6,9 @@
 // T_i = s_i·(x A)_i R[id_i] (rows with id -1 keep a zero row) and y += T B, one more GEMM. T comes
 // from one of two schedules, picked per call from the rows' counts per adapter (one bincount):
 //   grouped: the rows sorted by adapter (one stable sort), one small GEMM per adapter that has rows;
+//     when each adapter's rows are already one run of consecutive rows (one adapter per sequence,
+//     the serving layout, or one adapter for the batch) the GEMMs read and write those runs in place:
+//     no sort, gather or scatter (about 10 ATen calls fewer per call, ~50 µs on this CPU);
 //   per row: R[id_i] gathered for a chunk of rows and one batched (1×r)(r×r) product per chunk.
 // A GEMM call costs ~3 µs of fixed overhead whatever its size, the per-row gather ~0.5 ns per
 // element of R[id_i]; measured on this CI machine's CPU (2-core Xeon, fp32, r = 16 and 64, 4096 rows
@@ -36,9 +39,15 @@ namespace {
 at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
 
 // How a call's rows spread over the bank, and which schedule that asks for.
+// One run of consecutive rows with the same adapter.
+struct Run {
+  int64_t start, rows, adapter;
+};
+
 struct Plan {
   at::Tensor ids;              // (M,) int64
   std::vector<int64_t> count;  // rows per adapter, n entries (host plans only)
+  std::vector<Run> runs;       // host plans whose every adapter's rows are one run: those runs (-1 rows left out)
   int64_t active = 0;          // rows with id >= 0 (a device plan: M, an upper bound)
   bool host = true;            // counts known on the host; false: per row, nothing read back
   bool per_row = false;
@@ -59,12 +68,30 @@ Plan plan_rows(const at::Tensor& adapter_ids, int64_t n, int64_t r) {
     p.per_row = true;
     return p;
   }
-  // counts[0]: rows with id -1. One (n + 1)-long copy to the host per call.
-  const at::Tensor counts = at::bincount(p.ids + 1, {}, n + 1).to(at::kCPU);
-  const int64_t* c = counts.data_ptr<int64_t>();
-  p.count.assign(c + 1, c + n + 1);
-  p.active = M - c[0];
+  // The ids are on the host: one pass counts the rows per adapter and the runs of equal ids (no ATen call;
+  // a bincount and its temporaries cost more than the pass at serving sizes). The contract checked the
+  // range [-1, n) already; checked again here because the loop indexes with it.
+  p.ids = p.ids.contiguous();
+  const int64_t* id = p.ids.data_ptr<int64_t>();
+  p.count.assign(n, 0);
+  int64_t minus = 0;
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t k = id[i];
+    if (k < 0) {
+      ++minus;
+      continue;
+    }
+    TORCH_CHECK(k < n, "loraxs.linear_multi: adapter id ", k, " out of range for a bank of ", n, " adapters");
+    ++p.count[k];
+    if (i > 0 && id[i - 1] == k) {
+      ++p.runs.back().rows;
+    } else {
+      p.runs.push_back({i, 1, k});
+    }
+  }
+  p.active = M - minus;
   const int64_t used = std::count_if(p.count.begin(), p.count.end(), [](int64_t v) { return v > 0; });
+  if (static_cast<int64_t>(p.runs.size()) != used) p.runs.clear();  // some adapter's rows are split
   p.per_row = used * 6000 > p.active * r * r;  // the cost model in the header
   return p;
 }
@@ -157,6 +184,17 @@ at::Tensor low_rank_rows(const at::Tensor& in, const at::Tensor& Rc, const Plan&
   const int64_t M = in.size(0), n = Rc.size(0);
   if (!p.any_active()) return at::Tensor();
   if (p.per_row) return per_row(in, Rc, p, scaling, adapter_scaling, transpose_R);
+  if (!p.runs.empty()) {  // each adapter's rows are one run: the grouped GEMMs in place, row order kept
+    const std::vector<double> s = scalings(scaling, adapter_scaling, n);
+    at::Tensor out = p.active == M ? at::empty({M, in.size(1)}, in.options()) : at::zeros({M, in.size(1)}, in.options());
+    for (const Run& run : p.runs) {
+      at::Tensor o = out.narrow(0, run.start, run.rows);
+      const at::Tensor Rk = as_dtype(Rc.select(0, run.adapter), out.scalar_type());
+      at::addmm_out(o, o, in.narrow(0, run.start, run.rows), transpose_R ? Rk.t() : Rk, /*beta=*/0,
+                    /*alpha=*/s[run.adapter]);
+    }
+    return out;
+  }
   const Groups g = group_rows(p);
   const at::Tensor sorted_in = in.index_select(0, g.perm);
   at::Tensor t = at::empty_like(sorted_in);
@@ -237,7 +275,7 @@ Fwd aten_multi_forward(const at::Tensor& x, const at::Tensor& weight, const std:
   } else {
     at::mm_out(y2, x2, weight.t());
   }
-  at::Tensor xa = at::mm(x2, A);
+  at::Tensor xa = rows_times_thin(x2, A);
   const Plan p = plan_rows(adapter_ids, n, r);
   const at::Tensor t = low_rank_rows(xa, R, p, scaling, adapter_scaling, false);
   if (t.defined()) y2.addmm_(t, B);
@@ -256,7 +294,7 @@ Bwd aten_multi_backward(const at::Tensor& grad_out, const at::Tensor& xa, const 
   if (!need_x && !need_R) return {grad_x, grad_R};
   const Plan p = plan_rows(adapter_ids, n, r);
   at::Tensor u;  // g Bᵀ, (M×r)
-  if (p.any_active()) u = at::mm(g2, B.t());
+  if (p.any_active()) u = rows_times_thin(g2, B.t());
   if (need_x) {
     grad_x = at::empty(with_last(grad_out.sizes(), in), grad_out.options());
     at::Tensor gx2 = grad_out.dim() == 2 ? grad_x : grad_x.view({M, in});
@@ -270,6 +308,13 @@ Bwd aten_multi_backward(const at::Tensor& grad_out, const at::Tensor& xa, const 
     at::Tensor sum = at::zeros({n, r, r}, grad_out.options().dtype(acc));
     if (p.any_active() && p.per_row) {
       per_row_grad_R(sum, xa, u, p, scaling, adapter_scaling);
+    } else if (p.any_active() && !p.runs.empty()) {  // each adapter's rows are one run, summed in row order
+      const std::vector<double> s = scalings(scaling, adapter_scaling, n);
+      for (const Run& run : p.runs) {
+        at::Tensor o = sum.select(0, run.adapter);
+        at::addmm_out(o, o, as_dtype(xa.narrow(0, run.start, run.rows), acc).t(),
+                      as_dtype(u.narrow(0, run.start, run.rows), acc), /*beta=*/0, /*alpha=*/s[run.adapter]);
+      }
     } else if (p.any_active()) {
       const Groups g = group_rows(p);
       const std::vector<double> s = scalings(scaling, adapter_scaling, n);

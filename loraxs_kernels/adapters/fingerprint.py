@@ -109,7 +109,7 @@ def fingerprint_mismatch(stored: dict, weight: torch.Tensor, singular_values: to
     Raises AdapterError when the stored fingerprint is malformed (fingerprint_problem)."""
     why = fingerprint_problem(stored)
     if why is not None:
-        from .files import AdapterError  # files.py imports this module: resolved at call time
+        from .format import AdapterError  # format.py imports this module: resolved at call time
 
         shape = tuple(weight.shape)
         raise AdapterError(f"the adapter's fingerprint of the base weight (this base: shape {shape}) is malformed: {why}")

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters.files import AdapterError
+from ..adapters.format import AdapterError
 from ..modules.linear import FusedLoRAXSLinear, base_tensors
 from ..modules.model import MODULES_TO_SAVE_ATTR, Transaction, is_adaptable, mark_trainable, named_slots
 

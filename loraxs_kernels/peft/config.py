@@ -1,7 +1,7 @@
 """LoraXSConfig: what a user writes to get LoRA-XS through PEFT, and what adapter_config.json holds.
 
 The JSON file is the same one `save_adapter` writes (format "loraxs-kernels-adapter", version 2,
-adapters/files.py): PEFT's fields (peft_type "LORAXS", task_type, r, target_modules, ...) and ours
+adapters/format.py): PEFT's fields (peft_type "LORAXS", task_type, r, target_modules, ...) and ours
 (`layers`: per adapted layer its shape, pivots, basis kind and base fingerprint; `saved_module_keys`).
 Those must be dataclass fields here, or PEFT's config loader drops them; tests/test_peft_method.py
 checks that every key save_adapter writes is one.
@@ -74,7 +74,7 @@ class LoraXSConfig(PeftConfig):
     r_init: str = field(default="normal", metadata={"help": "'normal' (N(0, 1e-5)) or 'zeros'"})
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
     layers_pattern: Optional[Union[list[str], str]] = field(default=None)
-    # --- the file format's own fields (adapters/files.py, format_version 2)
+    # --- the file format's own fields (adapters/format.py, format_version 2)
     format: str = field(default=_files.FORMAT_NAME)
     format_version: int = field(default=_files.FORMAT_VERSION)
     library: str = field(default="loraxs_kernels")

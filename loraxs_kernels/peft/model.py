@@ -6,7 +6,7 @@ Matching is PEFT's own (BaseTuner.inject_adapter with check_target_module_exists
 Two ways in:
 - a fresh config (no `layers`): each targeted layer gets its basis (init "svd": svd_basis; "random"),
   and the config records per layer what an adapter file needs (pivots, basis kind, fingerprint of the
-  base weight: adapters/files.py's layer_entry), so save_pretrained never runs an SVD;
+  base weight: adapters/format.py's layer_entry), so save_pretrained never runs an SVD;
 - a config read from a file (`layers` filled): every listed layer is checked against the model first
   (shape, bias, fingerprint: an adapter made for another base is refused with AdapterError) and its
   basis is recomputed with the stored pivots, or taken from the file where it is stored. Nothing is

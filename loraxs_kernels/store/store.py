@@ -169,7 +169,7 @@ class AdapterStore:
             (s for k, s in self.slots.lru.items() if k not in self.slots.active), None)
         if slot is None:
             raise RuntimeError("every slot is held by the running use block; put a folder outside the block")
-        from ..adapters.files import load_adapter_slot
+        from ..adapters.slots import load_adapter_slot
         saved = self.slots.read(slot)
         try:
             load_adapter_slot(self.model, path, slot)
