@@ -51,6 +51,31 @@ def test_rows_get_their_own_adapter_through_evictions():
     assert worst <= 1.0, worst
 
 
+@pytest.mark.parametrize("swap", ["new-storage", "to-float64"])
+def test_misses_after_the_banks_storage_changes_land_in_the_banks_in_use(swap):
+    """The CPU copy path keeps views of the banks' slots: after a layer's R gets new storage (.data = …,
+    or model.to(dtype), which keeps the Parameter objects) the next misses must still reach the banks the
+    forward reads."""
+    model, store = _filled(slots=4, n=10)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad(), store.use(["user0", "user1"]):  # views made over the first storage
+        model(torch.randn(2, 3, WIDTH, generator=g))
+    with torch.no_grad():
+        if swap == "new-storage":
+            for m in model.modules():
+                if hasattr(m, "lora_R") and m.lora_R.dim() == 3:
+                    m.lora_R.data = m.lora_R.detach().clone()
+        else:
+            model.to(torch.float64)
+    keys = ["user5", "user6", "user7", None]  # misses: they evict into slots viewed before the swap
+    dtype = torch.float64 if swap == "to-float64" else torch.float32
+    x = torch.randn(4, 3, WIDTH, generator=g, dtype=dtype)
+    with torch.no_grad(), store.use(keys):
+        out = model(x)
+    want, bound = truth_rows(model, store, x, keys)
+    assert excess(out, want, bound) <= 1.0
+
+
 def truth_rows(model, store, x, keys):
     return truth(model, x, [_stored(store, k) for k in keys])
 
