@@ -1,8 +1,8 @@
 """The device slots: an LRU map key → slot over the model's MultiLoRAXSLinear banks.
 
 Slot s of every bank holds one adapter. A miss copies its row (all layers) into a staging buffer
-and then into slot s of each bank. On the CPU that is one torch._foreach_copy_ per miss over views
-made once (staging row j's piece of each layer → slot s of each bank): a cold load from RAM took
+and then into slot s of each bank. On the CPU that is one torch._foreach_copy_ for all the call's
+misses over views made once (staging row j's piece of each layer → slot s of each bank): a cold load from RAM took
 0.074 ms with one index_copy_ per layer (12 on MiniLM, their slicing and index tensors included) in
 `python -m benchmarks --preset store` on this machine. On a device, one index_copy_ per layer for all
 the batch's misses together (12 copies per batch, not 12 per adapter). On CUDA the staging
@@ -134,19 +134,22 @@ class SlotCache:
 
     @torch.no_grad()
     def _copy_into_banks_cpu(self, slots: list[int]) -> None:
-        """Staging row j → slot slots[j] of every bank: one foreach copy per row (the dtype cast
-        included), over views made once per set of banks."""
+        """Staging row j → slot slots[j] of every bank: one foreach copy for all of them (the dtype
+        cast included), over views made once per set of banks."""
         banks = tuple(layer.lora_R for layer in self.layers)
         made_from = tuple((bank, bank.data_ptr(), bank.dtype) for bank in banks)  # .data = ... or .to() keep the object
         if self._views_of is None or any(a[0] is not b[0] or a[1:] != b[1:] for a, b in zip(self._views_of, made_from)):
             self._slot_views = [[bank[s] for bank in banks] for s in range(self.n_slots)]
             self._views_of = made_from
+        dst, src = [], []
         for j, slot in enumerate(slots):
-            src = self._staging_views.get(j)
-            if src is None:
-                src = self._staging_views[j] = [self.staging[j, off:off + r * r].view(r, r)
-                                                for off, r in zip(self.layout.offsets, self.layout.ranks)]
-            torch._foreach_copy_(self._slot_views[slot], src)
+            views = self._staging_views.get(j)
+            if views is None:
+                views = self._staging_views[j] = [self.staging[j, off:off + r * r].view(r, r)
+                                                  for off, r in zip(self.layout.offsets, self.layout.ranks)]
+            dst += self._slot_views[slot]
+            src += views
+        torch._foreach_copy_(dst, src)  # every miss of the call, every layer: one call
 
     @torch.no_grad()
     def read(self, slot: int) -> torch.Tensor:
