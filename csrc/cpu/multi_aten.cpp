@@ -4,7 +4,7 @@
 //
 // Forward: x Wᵀ + b and x A once for all M rows (the two large GEMMs, as for one adapter), then
 // T_i = s_i·(x A)_i R[id_i] (rows with id -1 keep a zero row) and y += T B, one more GEMM. T comes
-// from one of two schedules, picked per call from the rows' counts per adapter (one bincount):
+// from one of two schedules, picked per call from the rows' counts per adapter (one pass over the ids):
 //   grouped: the rows sorted by adapter (one stable sort), one small GEMM per adapter that has rows;
 //     when each adapter's rows are already one run of consecutive rows (one adapter per sequence,
 //     the serving layout, or one adapter for the batch) the GEMMs read and write those runs in place:
@@ -38,12 +38,12 @@ namespace {
 
 at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
 
-// How a call's rows spread over the bank, and which schedule that asks for.
 // One run of consecutive rows with the same adapter.
 struct Run {
   int64_t start, rows, adapter;
 };
 
+// How a call's rows spread over the bank, and which schedule that asks for.
 struct Plan {
   at::Tensor ids;              // (M,) int64
   std::vector<int64_t> count;  // rows per adapter, n entries (host plans only)
