@@ -185,6 +185,32 @@ def test_noncontiguous_layer_tensors(backend):
     check_against_reference(fn, (x, w, b, A, Rt, B), 0.9, torch.float32, "strided layer tensors")
 
 
+def _layouts(t):
+    """t's values laid out row-major and column-major (the two a thin factor reaches the op in)."""
+    return {"row-major": t.contiguous(), "col-major": t.t().contiguous().t()}
+
+
+@pytest.mark.parametrize("M", [8, 96], ids=["M8-as-given", "M96-copied"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thin_factor_layouts(backend, dtype, M):
+    """x A and g Bᵀ with A (in×r) and Bᵀ (out×r) row- or column-major (the layer's A is row-major, PEFT
+    TinyLoRA's B makes Bᵀ row-major): from 64 rows with 2 ≤ r ≤ 8 the CPU schedule copies a row-major thin
+    factor column-major first (rows_times_thin). Every layout pair within the reference's bounds, and the
+    same values from each pair up to rounding."""
+    inputs = make_inputs((M,), 48, 40, 4, dtype=dtype)
+    x, w, b, A, R, B = inputs
+    ys = []
+    for a_name, A_l in _layouts(A).items():
+        for b_name, Bt_l in _layouts(B.t()).items():
+            B_l = Bt_l.t()
+            fn = lambda x, R, A_l=A_l, B_l=B_l: loraxs_kernels.loraxs_linear(x, w, b, A_l, R, B_l, 0.75,  # noqa: E731
+                                                                             backend=backend)
+            ys.append(check_against_reference(fn, inputs, 0.75, dtype, f"A {a_name}, Bᵀ {b_name}").detach())
+    for y in ys[1:]:
+        assert_close(y, ys[0], dtype, "the same values from every layout")
+
+
 @pytest.mark.parametrize("M", [4, 300], ids=["lowrank", "merged"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_out_expanded_and_noncontiguous(backend, M):
