@@ -1,10 +1,11 @@
 """How a (provider, case, mode) is measured: time, bytes saved for backward, peak memory.
 
 Time. The providers of one (case, mode) are timed interleaved: round i times every provider once,
-in a rotated order. On a shared machine (CI, a 2-core box other jobs use) a burst of background
-load then lands on every provider instead of whichever happened to run during the busy second, and
-ratios are taken per round (paired_ratio). Sustained load still slows multi-op layers more than one
-GEMM (docs/benchmarks.md, caveats), which the recorded load average lets a reader spot.
+in an order shuffled afresh each round (round_orders). On a shared machine (CI, a 2-core box other
+jobs use) a burst of background load then lands on every provider instead of whichever happened to
+run during the busy second, and ratios are taken per round (paired_ratio). Sustained load still
+slows multi-op layers more than one GEMM (docs/benchmarks.md, caveats), which the recorded load
+average lets a reader spot.
 - GPU: CUDA events around each call, after warm-up; a 256 MiB buffer is zeroed before each call
   (outside the events) so the weights are not served from L2 across calls, as in triton's do_bench.
 - CPU: time.perf_counter around each call; torch's thread count is left as it is (the CLI's
@@ -30,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import random
 import statistics
 import time
 from typing import Any, Callable
@@ -170,6 +172,21 @@ class _Timer:
             self._pending.clear()
 
 
+def round_orders(names: list[str], rounds: int, seed: int = 0) -> list[list[str]]:
+    """The order the providers run in, one list per round: a fresh shuffle each round (seeded, so a
+    run repeats). Rotating one fixed order kept each provider's neighbours: the one that always ran
+    right after another paid for what that one left behind (caches, the allocator's free lists) in
+    every round. Measured by hand on the e2e MiniLM case: peft_tinylora+ours, always right after
+    official_loraxs, came out 1.048x ours in the committed run; with the order reversed, 1.012x."""
+    rng = random.Random(seed)
+    orders = []
+    for _ in range(rounds):
+        order = list(names)
+        rng.shuffle(order)
+        orders.append(order)
+    return orders
+
+
 def time_interleaved(steps: dict[str, Step], device: torch.device, settings: Settings,
                      on_error: Callable[[str, BaseException], None]) -> dict[str, Timing]:
     """Time each step; a step that raises is dropped (on_error is told) and the rest go on."""
@@ -203,10 +220,8 @@ def time_interleaved(steps: dict[str, Step], device: torch.device, settings: Set
     reps = max(settings.min_reps, min(settings.max_reps, math.ceil(settings.rep_s * len(active) / per_round)))
 
     times: dict[str, list[tuple[int, float]]] = {name: [] for name in active}
-    for i in range(reps):
-        names = list(active)
-        k = i % len(names) if names else 0
-        for name in names[k:] + names[:k]:  # rotate who goes first: no provider always runs cold
+    for i, order in enumerate(round_orders(list(active), reps)):
+        for name in order:
             if name in active:
                 guarded(name, lambda: timer.time(name, i, active[name], times))
         guarded("(timing)", lambda: timer.collect(times))

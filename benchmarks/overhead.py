@@ -28,6 +28,8 @@ from torch import nn
 import loraxs_kernels
 from loraxs_kernels import FusedLoRAXSLinear, backends, reference
 
+from . import measure
+
 SCALING = 0.5
 
 
@@ -150,10 +152,8 @@ def run(device: torch.device, out_dir: Path, rounds: int = 7, calls: int = 400, 
                     log(f"overhead: {name} {mode} {s.id}: {type(e).__name__}: {e}")
                     units.pop(name, None)
             times = {name: [] for name in units}
-            for i in range(rounds):
-                names = list(units)
-                k = i % len(names)
-                for name in names[k:] + names[:k]:  # rotate who goes first
+            for order in measure.round_orders(list(units), rounds):
+                for name in order:
                     times[name].append(_sample_us(units[name], n, device))
             base = times.get("nn_linear")
             for name, ts in times.items():

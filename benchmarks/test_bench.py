@@ -20,7 +20,7 @@ from loraxs_kernels import reference
 from . import roofline
 from .__main__ import main
 from .cases import CPU_KEY, MODES, cases_for
-from .measure import peak_mem_bytes, saved_bytes, step_for
+from .measure import peak_mem_bytes, round_orders, saved_bytes, step_for
 from .providers import PROVIDERS, make_inputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -127,6 +127,19 @@ def test_peak_memory_counts_the_output(built, inputs):
     if peak is None:
         pytest.skip("the profiler gave no memory events here")
     assert peak >= CASE.M * CASE.out_features * inputs.x.element_size()
+
+
+def test_round_orders_vary_who_runs_before_whom():
+    """Every provider once per round, and no provider always after the same one (a fixed rotation
+    keeps each one's predecessor: that was the bias round_orders removes)."""
+    names = ["frozen_base", "ours", "peft_lora", "peft_tinylora", "official_loraxs", "tinylora_ours", "full_ft"]
+    orders = round_orders(names, 7)
+    assert all(sorted(o) == sorted(names) for o in orders)
+    assert orders == round_orders(names, 7)  # seeded: a run repeats
+    for name in names:
+        before = {o[o.index(name) - 1] if o.index(name) else None for o in orders}
+        assert len(before) >= 3, (name, before)
+    assert len({o[0] for o in orders}) >= 4  # and the first place (the cold one) goes round
 
 
 def test_roofline_model():
