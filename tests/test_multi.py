@@ -185,6 +185,19 @@ def test_cpu_schedule_choice(schedule):
     assert "aten::sort" in ops, ops
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_row_forward_is_one_loop_for_fp32_and_fp64_at_small_rank(dtype):
+    """The per-row forward on the host: one loop over the rows (no gather, no batched product) for fp32
+    and fp64 at r <= 16; the gather + bmm for half inputs and for r > 16. test_parity checks its values
+    (cases at r = 1, 4, 8, 12, 16 run it), the grad_x path (R transposed) included."""
+    for r, n, loop_rank in ((8, 9, True), (24, 60, False)):
+        x, w, b, A, R, B, ids = make_multi((400,), 48, 40, r, n, dtype)
+        with torch.no_grad():
+            ops = _aten_ops(lambda: loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids))
+        loop = loop_rank and dtype in (torch.float32, torch.float64)
+        assert ("aten::bmm" in ops) != loop and ("aten::index_select" in ops) != loop, (r, ops)
+
+
 def per_sequence_ids(batch, seq, n, seed, minus_one_every=0):
     """One adapter per sequence (the serving layout), broadcast over its tokens: every adapter's rows are
     one run of consecutive rows when no adapter serves two sequences; every minus_one_every-th sequence -1."""
