@@ -174,10 +174,11 @@ class _Timer:
 
 def round_orders(names: list[str], rounds: int, seed: int = 0) -> list[list[str]]:
     """The order the providers run in, one list per round: a fresh shuffle each round (seeded, so a
-    run repeats). Rotating one fixed order kept each provider's neighbours: the one that always ran
-    right after another paid for what that one left behind (caches, the allocator's free lists) in
-    every round. Measured by hand on the e2e MiniLM case: peft_tinylora+ours, always right after
-    official_loraxs, came out 1.048x ours in the committed run; with the order reversed, 1.012x."""
+    run repeats). Rotating one fixed order kept each provider's neighbours: one that always ran right
+    after another paid for whatever that one left behind in every round. By hand on the e2e MiniLM
+    case: peft_tinylora+ours, always right after official_loraxs, came out 1.048x ours; with the order
+    reversed, 1.012x (both within that machine's round-to-round spread, which shuffling does not
+    narrow: it only stops one order from being measured every time)."""
     rng = random.Random(seed)
     orders = []
     for _ in range(rounds):
