@@ -174,9 +174,9 @@ SCHEDULES = {"per-row": (400, 8, 9), "grouped": (600, 32, 3)}
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_cpu_schedule_choice(schedule):
-    """The cases above that claim a schedule run it: per row gathers R[id] into a batched product and
-    sums grad_R per adapter by segment_reduce over the rows sorted by adapter; grouped sorts the rows
-    and runs a GEMM per adapter (forward and backward)."""
+    """The cases above that claim a schedule run it: per row sums grad_R per adapter by segment_reduce
+    over the outer products (bmm) of the rows sorted by adapter (its forward at this r and dtype is the
+    loop of the next test); grouped sorts the rows and runs a GEMM per adapter (forward and backward)."""
     M, r, n = SCHEDULES[schedule]
     x, w, b, A, R, B, ids = make_multi((M,), 48, 40, r, n, torch.float32)
     ops = _aten_ops(lambda: loraxs_kernels.loraxs_linear_multi(x, w, b, A, R, B, ids).sum().backward())
