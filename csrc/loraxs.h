@@ -131,8 +131,8 @@ at::Tensor as_rows(const at::Tensor& t);
 // A fresh (M, n) result given x's leading dims without making it a view (FSDP2 and in-place ops
 // treat views specially; an op output must not be one).
 at::Tensor unflatten_fresh(const at::Tensor& t2, at::IntArrayRef lead_and_last, int64_t last);
-// rows (M, K) · f (K, r), the rank-r side of x A and g Bᵀ, with f column-major on the CPU where that pays
-// (aten_schedule.cpp says when and why).
+// rows (M, K) · f (K, r), the rank-r side of x A and g Bᵀ, computed as (fᵀ rowsᵀ)ᵀ on the CPU where that
+// pays (aten_schedule.cpp says when and why); the result may be column-major.
 at::Tensor rows_times_thin(const at::Tensor& rows, const at::Tensor& f);
 
 }  // namespace loraxs

@@ -95,14 +95,57 @@ def test_auto_runs_cpp_on_cpu_when_built(monkeypatch, lead):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("M", [1, 32, 33, 200])
+@pytest.mark.parametrize("M", [1, 96, 97, 200])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_both_schedules(backend, M, dtype):
-    """in = out = 64: merge_pays flips between M = 32 (32·128 = 64·64, low-rank) and M = 33 (merged)."""
-    assert merge_pays(M, 64, 64) == (M > 32)
+    """in = out = 64: merge_pays flips, in both directions, between M = 96 (2·96·64 = 3·64·64, low-rank)
+    and M = 97 (merged)."""
+    assert merge_pays(M, 64, 64) == merge_pays(M, 64, 64, backward=True) == (M > 96)
     inputs = make_inputs((M,), 64, 64, 8, dtype=dtype, seed=M)
     x, w, b, A, R, B = inputs
     check_against_reference(op(backend, w, b, A, B, 1.3), inputs, 1.3, dtype, f"M={M}")
+
+
+def _updates_in_place(fn) -> int:
+    """How many in-place addmm_ calls fn makes: the low-rank schedule's rank-r update of y (forward)
+    or grad_x (backward) is one; the merged schedule makes none (it folds the update into W)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name == "aten::addmm_" for e in prof.events())
+
+
+# (in, out, M, x only): each direction's own rule, merge_pays(...) and merge_pays(..., backward=True).
+MIXED = {
+    "fwd-lowrank-bwd-merged": (64, 16, 50, False),   # 2·50·16 ≤ 3·64·16; 2·50·64 > 3·64·16
+    "fwd-merged-bwd-lowrank": (16, 64, 50, False),
+    "bwd-merged-without-grad-R": (64, 64, 80, True),  # 2·80·64 ≤ 3·64·64 < 2·80·(64 + 64): g Bᵀ counts
+}
+
+
+@pytest.mark.parametrize("case", list(MIXED))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_and_backward_pick_their_schedules(backend, case):
+    """The forward's merge replaces y += T B (M·out numbers), the backward's grad_x += V Aᵀ (M·in, plus
+    M·out for g Bᵀ when grad_R is not wanted), so one call can run each direction differently: the
+    values match the reference either way, and the C++ and Python schedules follow merge_pays."""
+    i, o, M, x_only = MIXED[case]
+    fwd_merged = merge_pays(M, i, o)
+    bwd_merged = merge_pays(M, i, o, backward=True, need_R=not x_only)
+    assert fwd_merged != bwd_merged, "the case must run different schedules in its two directions"
+    inputs = make_inputs((M,), i, o, 4, dtype=torch.float64, seed=3)
+    x, w, b, A, R, B = inputs
+    R.requires_grad_(not x_only)
+    check_against_reference(op(backend, w, b, A, B, 0.6), inputs, 0.6, torch.float64, case)
+    x.grad = None
+    y = None
+
+    def forward():
+        nonlocal y
+        y = loraxs_kernels.loraxs_linear(x, w, b, A, R, B, 0.6, backend=backend)
+
+    assert _updates_in_place(forward) == (0 if fwd_merged else 1), f"{backend} forward, {case}"
+    assert _updates_in_place(lambda: y.backward(torch.ones_like(y))) == (0 if bwd_merged else 1), \
+        f"{backend} backward, {case}"
 
 
 @pytest.mark.parametrize("scaling", [0.0, -1.5, 4.0, 1e-3])
@@ -190,14 +233,14 @@ def _layouts(t):
     return {"row-major": t.contiguous(), "col-major": t.t().contiguous().t()}
 
 
-@pytest.mark.parametrize("M", [8, 96], ids=["M8-as-given", "M96-copied"])
+@pytest.mark.parametrize("M", [8, 96], ids=["M8-as-given", "M96-transposed"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_thin_factor_layouts(backend, dtype, M):
     """x A and g Bᵀ with A (in×r) and Bᵀ (out×r) row- or column-major (the layer's A is row-major, PEFT
-    TinyLoRA's B makes Bᵀ row-major): from 64 rows with 2 ≤ r ≤ 8 the CPU schedule copies a row-major thin
-    factor column-major first (rows_times_thin). Every layout pair within the reference's bounds, and the
-    same values from each pair up to rounding."""
+    TinyLoRA's B makes Bᵀ row-major): from 64 rows with 2 ≤ r ≤ 8 the CPU schedule computes fp32/fp64
+    thin products transposed, (fᵀ rowsᵀ)ᵀ (rows_times_thin). Every layout pair within the reference's
+    bounds, and the same values from each pair up to rounding."""
     inputs = make_inputs((M,), 48, 40, 4, dtype=dtype)
     x, w, b, A, R, B = inputs
     ys = []
@@ -275,9 +318,10 @@ def test_fp32_master_R(backend, M, layer_dtype):
 
 
 # ----------------------------------------------------------------------------------------- gradcheck
-# in = out = 8: merge_pays(M, 8, 8) is M·16 > 64, so M = 2 is low-rank and M = 6 (or 2×3) merged.
+# in = out = 8: merge_pays(M, 8, 8) is 2·M·8 > 3·64 in both directions, so M = 2 is low-rank and M = 16
+# (or 4×4) merged.
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("lead", [(2,), (6,), (2, 3)], ids=["lowrank", "merged", "3d"])
+@pytest.mark.parametrize("lead", [(2,), (16,), (4, 4)], ids=["lowrank", "merged", "3d"])
 @pytest.mark.parametrize("backend", BACKENDS + ["auto"])
 def test_gradcheck(backend, lead, bias):
     x, w, b, A, R, B = make_inputs(lead, 8, 8, 3, dtype=torch.float64, bias=bias)

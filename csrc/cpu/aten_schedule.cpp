@@ -14,8 +14,19 @@
 namespace loraxs {
 namespace {
 
-// Folding s·(A R B)ᵀ into W costs 2·r·in·out FLOPs once; keeping it low-rank costs 2·M·r·(in+out).
-bool merge_pays(int64_t M, int64_t in, int64_t out) { return M * (in + out) > in * out; }
+// Folding s·(A R B)ᵀ into W (a fresh out×in matrix, W copied into it, plus a K = r product) replaces
+// one rank-r update of the output: y += T B (M·out numbers) in the forward, grad_x += V Aᵀ (M·in) in
+// the backward. x A and g Bᵀ are needed by both schedules (the saved tensor, grad_R), except g Bᵀ when
+// grad_R is not wanted. Per number written the merge cost 1.4× the update on this project's CI CPU
+// (AMD EPYC, 1 thread, fp32, in = out = 768: 0.175 ms for W' vs 0.082 ms for y += T B at M = 512), and
+// a whole layer's forward + backward, backend "torch" forced either way, crossed over between M = in
+// and M = 2·in (in = out = 768 and 384). So each direction merges when the update it replaces is over
+// 1.5× the size of W. The old rule, M·(in+out) > in·out, counted x A and g Bᵀ as work merging saves:
+// it merged from M = 385 at in = out = 768, which cost that layer 2 % at M = 512 and 5 % at M = 256.
+bool merge_pays(int64_t M, int64_t in, int64_t out, bool backward, bool need_R) {
+  const int64_t replaced = backward ? M * in + (need_R ? 0 : M * out) : M * out;
+  return 2 * replaced > 3 * in * out;
+}
 
 // W + s·(A R B)ᵀ = W + s · Bᵀ (A R)ᵀ, as one addmm. R is already in the layer's dtype.
 at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& A, const at::Tensor& R, const at::Tensor& B,
@@ -54,16 +65,18 @@ at::Tensor unflatten_fresh(const at::Tensor& t2, at::IntArrayRef lead_and_last, 
   return at::_unsafe_view(c, with_last(lead_and_last, last));
 }
 
-// The CPU GEMM (MKL) runs (M×K)·(K×r) 2 to 5 times slower when the thin (K×r) factor is row-major than
-// when it is column-major for 2 ≤ r ≤ 8, and about the same for r = 1 and r ≥ 12: measured on this
-// project's CI machine (AMD EPYC, 1 thread, fp32; M = 256 and 2048, K = 768 and 1536: at r = 8 0.164 vs
-// 0.080 ms and 2.66 vs 1.22 ms, the copy included). The layer keeps A (in×r) row-major and PEFT's
-// TinyLoRA B as (out×r) rows, so x A or g Bᵀ took that path. Copying the factor (K·r numbers, a few µs)
-// pays from M = 64 rows up; below that (decoding) it is left as it is.
+// rows (M×K) times a thin f (K×r). For fp32 and fp64 with 2 ≤ r ≤ 8 and M ≥ 64, MKL on this
+// project's CI CPU (AMD EPYC, 1 thread) runs the product fastest as (fᵀ rowsᵀ)ᵀ, r rows times M
+// columns: M = 512, K = 768, r = 8, fp32: 0.105 ms, vs 0.275 ms for rows · f with f column-major and
+// 0.45 ms with f row-major (the layer's A); M = 2048, K = 384: 0.21 vs 0.36 vs 0.89 ms; fp64 alike.
+// At r = 1 or r ≥ 16, under 64 rows (decoding: 5.6 vs 2.9 µs at M = 1) and for half dtypes (oneDNN,
+// within 10 % either way) rows · f is as fast or faster. The result is (M×r) column-major: callers
+// that return or save it make it contiguous (a copy of M·r numbers, 8 µs at M = 512, r = 8).
 at::Tensor rows_times_thin(const at::Tensor& rows, const at::Tensor& f) {
   const int64_t r = f.size(1);
-  if (rows.is_cpu() && r >= 2 && r <= 8 && rows.size(0) >= 64 && f.size(0) > 1 && f.stride(0) != 1) {
-    return at::mm(rows, f.t().contiguous().t());
+  const bool wide_float = rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kDouble;
+  if (rows.is_cpu() && wide_float && r >= 2 && r <= 8 && rows.size(0) >= 64) {
+    return at::mm(f.t(), rows.t()).t();
   }
   return at::mm(rows, f);
 }
@@ -77,8 +90,8 @@ Fwd aten_forward(const at::Tensor& x, const at::Tensor& weight, const std::optio
   const at::Tensor Rc = as_dtype(R, x.scalar_type());
   at::Tensor y = at::empty(with_last(x.sizes(), out), x.options());
   at::Tensor y2 = x.dim() == 2 ? y : y.view({x2.size(0), out});
-  at::Tensor xa = rows_times_thin(x2, A);
-  if (merge_pays(x2.size(0), in, out)) {
+  const at::Tensor xa = rows_times_thin(x2, A).contiguous();  // saved for the backward as (M×r) rows
+  if (merge_pays(x2.size(0), in, out, /*backward=*/false, /*need_R=*/true)) {
     base_gemm(y2, x2, merged_weight(weight, A, Rc, B, scaling), bias);
   } else {
     base_gemm(y2, x2, weight, bias);
@@ -92,7 +105,7 @@ Bwd aten_backward(const at::Tensor& grad_out, const at::Tensor& xa, const at::Te
   const int64_t in = weight.size(1), out = weight.size(0);
   const at::Tensor g2 = as_rows(grad_out);
   const at::ScalarType dt = grad_out.scalar_type();
-  const bool merged = merge_pays(g2.size(0), in, out);
+  const bool merged = need_x && merge_pays(g2.size(0), in, out, /*backward=*/true, need_R);
   at::Tensor u;  // g Bᵀ (M×r)
   if (need_R || (need_x && !merged)) u = rows_times_thin(g2, B.t());
   at::Tensor grad_x = grad_out.new_empty({0});

@@ -328,7 +328,7 @@ Fwd aten_multi_forward(const at::Tensor& x, const at::Tensor& weight, const std:
   } else {
     at::mm_out(y2, x2, weight.t());
   }
-  at::Tensor xa = rows_times_thin(x2, A);
+  const at::Tensor xa = rows_times_thin(x2, A).contiguous();  // returned and saved as (M×r) rows
   const Plan p = plan_rows(adapter_ids, n, r);
   const at::Tensor t = low_rank_rows(xa, R, p, scaling, adapter_scaling, false);
   if (t.defined()) y2.addmm_(t, B);

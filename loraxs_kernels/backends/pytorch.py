@@ -9,11 +9,11 @@ Two schedules, both with no (M×out) temporary beyond y and no (M×in) temporary
   and grad_x = g W'. The rank-r work becomes 2·r·in·out FLOPs, independent of M, and y is
   written once. x A is still computed for the backward (2·M·in·r).
 
-Merging pays once M·(in+out) > in·out; below that (decoding, small batches) the low-rank schedule
-does less work. At the CPU target shape (fp32, M=4096, in=out=1024, r=16) the merged schedule's extra
-work over a bare F.linear forward+backward is 2·M·in·r + 2·M·out·r (x A and g Bᵀ) + 2·2·r·in·out
-(W' twice) ≈ 0.34 GFLOP against 17.2 GFLOP, about 2 %; the low-rank schedule's is ≈ 0.54 GFLOP plus
-two extra passes over the (M×out) and (M×in) outputs.
+Each direction merges when the rank-r update it replaces writes over 1.5× as many numbers as W has
+(forward: M·out > 1.5·in·out, i.e. M > 1.5·in; backward: M·in > 1.5·in·out, plus M·out for g Bᵀ
+when grad_R is not wanted): x A and g Bᵀ are computed by both schedules, and building W' (a fresh
+out×in matrix) costs about 1.4× per number what a rank-r update does on the CPU
+(csrc/cpu/aten_schedule.cpp has the measurement). Decoding and small batches stay low-rank.
 """
 
 from __future__ import annotations
@@ -27,9 +27,14 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None  # ATen runs everywhere.
 
 
-def merge_pays(M: int, in_features: int, out_features: int) -> bool:
-    """True when folding s·(A R B)ᵀ into W is cheaper than the rank-r products over M rows."""
-    return M * (in_features + out_features) > in_features * out_features
+def merge_pays(M: int, in_features: int, out_features: int, *, backward: bool = False, need_R: bool = True) -> bool:
+    """True when folding s·(A R B)ᵀ into W costs less than the rank-r update it replaces in this
+    direction (the same rule as csrc/cpu/aten_schedule.cpp's merge_pays)."""
+    if backward:
+        replaced = M * in_features + (0 if need_R else M * out_features)
+    else:
+        replaced = M * out_features
+    return 2 * replaced > 3 * in_features * out_features
 
 
 def merged_weight(weight, A, R, B, scaling):
@@ -38,12 +43,12 @@ def merged_weight(weight, A, R, B, scaling):
 
 
 def rows_times_thin(rows, f):
-    """rows (M, K) @ f (K, r) with f column-major on the CPU for 2 ≤ r ≤ 8 and M ≥ 64: the same rule and
-    measurement as csrc/cpu/aten_schedule.cpp's rows_times_thin (MKL 2-5× slower on a row-major thin
-    factor on this project's CI CPU)."""
+    """rows (M, K) @ f (K, r), as (fᵀ rowsᵀ)ᵀ on the CPU for fp32/fp64, 2 ≤ r ≤ 8 and M ≥ 64: the same
+    rule and measurement as csrc/cpu/aten_schedule.cpp's rows_times_thin (MKL 1.7-4× faster that way
+    on this project's CI CPU). The result may be column-major."""
     r = f.shape[1]
-    if rows.is_cpu and 2 <= r <= 8 and rows.shape[0] >= 64 and f.shape[0] > 1 and f.stride(0) != 1:
-        f = f.t().contiguous().t()
+    if rows.is_cpu and rows.dtype in (torch.float32, torch.float64) and 2 <= r <= 8 and rows.shape[0] >= 64:
+        return (f.t() @ rows.t()).t()
     return rows @ f
 
 
@@ -51,7 +56,7 @@ def forward(x, weight, bias, A, R, B, scaling):
     """x: (M, in) → (y (M, out), x A (M, r)), both in x's dtype."""
     M, (out_features, in_features) = x.shape[0], weight.shape
     R = R.to(x.dtype)
-    xa = rows_times_thin(x, A)
+    xa = rows_times_thin(x, A).contiguous()  # saved for the backward as (M, r) rows
     if merge_pays(M, in_features, out_features):
         w = merged_weight(weight, A, R, B, scaling)
         y = torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
@@ -67,7 +72,7 @@ def backward(grad_out, xa, weight, A, R, B, scaling, need_x: bool, need_R: bool)
     u = g Bᵀ;  grad_x = g W + s·(u Rᵀ) Aᵀ;  grad_R = s·(x A)ᵀ u, reduced over M in fp32.
     """
     M, (out_features, in_features) = grad_out.shape[0], weight.shape
-    merged = merge_pays(M, in_features, out_features)
+    merged = need_x and merge_pays(M, in_features, out_features, backward=True, need_R=need_R)
     Rc = R.to(grad_out.dtype)
     grad_x = grad_R = None
     u = rows_times_thin(grad_out, B.t()) if (need_R or (need_x and not merged)) else None  # g Bᵀ (M×r)
