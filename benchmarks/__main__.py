@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="before each (case, mode), wait up to S seconds until other processes use less than "
                         f"{BUSY_FRAC * 100:.0f}%% of the CPUs (for a shared CPU machine; default 0: do not wait)")
     p.add_argument("--min-reps", type=int, help="at least this many timed calls per provider and mode "
-                                                "(e.g. 30 for a steadier key-case ratio on a busy machine)")
+                                                "(e.g. 30 for a steadier key-case ratio on a busy machine); "
+                                                "with --preset e2e, at least this many interleaved rounds")
     args = p.parse_args(argv)
     for flag, values, allowed in (("--modes", _csv(args.modes), MODES), ("--dtypes", _csv(args.dtypes), DTYPES)):
         bad = [v for v in values if v not in allowed]
@@ -262,7 +263,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.preset in MODEL_PRESETS:
         module = importlib.import_module(f".{MODEL_PRESETS[args.preset]}", __package__)
         out_dir = Path(args.out) if args.out else default_out(device)
-        records = module.run(device, out_dir, log=lambda m: print(m, file=sys.stderr, flush=True))
+        extra = {}
+        if args.min_reps:
+            if args.preset != "e2e":
+                raise SystemExit(f"--min-reps sets the rounds of the layer presets and of e2e, not of {args.preset}")
+            extra["rounds"] = args.min_reps
+        records = module.run(device, out_dir, log=lambda m: print(m, file=sys.stderr, flush=True), **extra)
         print((out_dir / f"{args.preset}.md").read_text())
         return {args.preset: records}
     providers = select(_csv(args.providers), args.preset)

@@ -51,11 +51,13 @@ GOALS_GPU = [
 ]
 
 
-def _settings(device: torch.device, quick: bool) -> measure.Settings:
+def _settings(device: torch.device, quick: bool, rounds: int | None = None) -> measure.Settings:
     # A whole-model step takes 0.1-5 s on the CPU: the floor of rounds, not rep_s, sets the count. 15 on
     # the CPU too: on this repository's shared 2-core VM one round's ratio of two providers spread over
     # 0.90-1.26 (MiniLM, peft_tinylora+ours / ours, 7 rounds at commit bec0f2d), too wide for 3 % goals.
-    rounds = 3 if quick else 15
+    # `rounds` (python -m benchmarks --preset e2e --min-reps N) raises it: the goals' confidence
+    # intervals narrow as 1/√rounds.
+    rounds = max(rounds or 0, 3 if quick else 15)
     return measure.Settings(warmup_s=0.0, rep_s=0.0, min_reps=rounds, max_reps=rounds, key_min_reps=rounds,
                             warmup_calls=1)
 
@@ -182,6 +184,8 @@ def measure_model(spec: ModelSpec, device: torch.device, providers: list[str], s
             times_ms=[round(v, 3) for v in t.times_ms], rounds=t.rounds,
             vs_floor=measure.paired_ratio(t, floor) if floor else None,
             vs_ours=measure.paired_ratio(t, ours) if ours else None,
+            vs_floor_ci=measure.paired_ratio_ci(t, floor) if floor else None,
+            vs_ours_ci=measure.paired_ratio_ci(t, ours) if ours else None,
             tokens_per_s=spec.tokens / (t.median_ms * 1e-3), peak_mem_bytes=peak,
             other_cpu_frac=other.frac, **facts[name],
         ))
@@ -256,6 +260,10 @@ def _file(v) -> str:
     return f"{v / 2**20:,.1f} MiB" if v >= 2**20 else f"{v / 1024:,.1f} KiB"
 
 
+def _interval(ci) -> str:
+    return "" if ci is None else f" ({ci[0]:.3f}–{ci[1]:.3f})"
+
+
 def goals(records: list[dict], device: torch.device) -> list[dict]:
     out = []
     train = [r for r in records if r["kind"] == "train"]
@@ -263,12 +271,16 @@ def goals(records: list[dict], device: torch.device) -> list[dict]:
         rows = {r["provider"]: r for r in train if r["model"] == model}
         for what, prov, key, op, limit in (GOALS_CPU if device.type == "cpu" else GOALS_GPU):
             v = rows.get(prov, {}).get(key)
+            ci = rows.get(prov, {}).get(f"{key}_ci")
             met = None if v is None else (v <= limit if op == "<=" else v >= limit)
-            out.append(dict(model=model, goal=what, value=v, met=met))
+            # Decided: the whole 95 % interval lies on one side of the limit (None: no interval).
+            decided = None if ci is None else (ci[1] <= limit or ci[0] >= limit)
+            out.append(dict(model=model, goal=what, value=v, met=met, ci=ci, decided=decided))
         if "ours" in rows and "peft_lora" in rows:
             a, b = rows["ours"]["saved_bytes_adapted"], rows["peft_lora"]["saved_bytes_adapted"]
             out.append(dict(model=model, goal="autograd-saved bytes in the adapted layers: ours ≤ ¼ of PEFT LoRA's",
-                            value=a / b if b else None, met=(a <= b / 4) if b else None))
+                            value=a / b if b else None, met=(a <= b / 4) if b else None, ci=None,
+                            decided=True if b else None))  # counted bytes, not timed: no noise
     return out
 
 
@@ -306,9 +318,14 @@ def markdown(env: dict, records: list[dict], skipped: dict, goal_rows: list[dict
                       f"{'yes' if r['same_tokens_as_base'] else 'no'} |" for r in dec]
             lines.append("")
     if goal_rows:
-        lines += ["## Goals (issue 20)", "", "| model | goal | measured | met |", "|---|---|---|---|"]
-        lines += [f"| {g['model']} | {g['goal']} | {_x(g['value'])} | "
-                  f"{'—' if g['met'] is None else ('yes' if g['met'] else '**no**')} |" for g in goal_rows]
+        lines += ["## Goals (issue 20)", "",
+                  "Measured: the median over rounds of the per-round ratio, with a 95 % bootstrap interval over "
+                  "the rounds. Decided: the whole interval lies on one side of the goal's line; where it does "
+                  "not, a rerun of the same length could land on the other side.", "",
+                  "| model | goal | measured (95 % interval) | met | decided |", "|---|---|---|---|---|"]
+        lines += [f"| {g['model']} | {g['goal']} | {_x(g['value'])}{_interval(g.get('ci'))} | "
+                  f"{'—' if g['met'] is None else ('yes' if g['met'] else '**no**')} | "
+                  f"{'—' if g.get('decided') is None else ('yes' if g['decided'] else 'no')} |" for g in goal_rows]
         lines.append("")
     if skipped:
         lines += ["Skipped or failed: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()), ""]
@@ -361,11 +378,12 @@ def plots(out_dir: Path, records: list[dict]) -> list[Path]:
 
 
 def run(device: torch.device, out_dir: Path, log=print, quick: bool = False, specs: list[ModelSpec] | None = None,
-        providers: list[str] | None = None, make_plots: bool = True) -> list[dict]:
-    """The preset: every provider on every model; writes e2e.md, e2e.json and the two plots."""
+        providers: list[str] | None = None, make_plots: bool = True, rounds: int | None = None) -> list[dict]:
+    """The preset: every provider on every model; writes e2e.md, e2e.json and the two plots. rounds: at
+    least this many interleaved rounds (default 15, 3 when quick)."""
     from .__main__ import environment
 
-    settings = _settings(device, quick)
+    settings = _settings(device, quick, rounds)
     env = environment(device, "e2e-quick" if quick else "e2e", None, settings)
     env["timing"] = (f"{settings.min_reps} interleaved rounds of one training step per provider after one untimed "
                      "step; " + env["timing"].split(";", 1)[0])

@@ -138,6 +138,25 @@ def paired_ratio(num: Timing, den: Timing) -> float:
     return statistics.median(a[i] / b[i] for i in common)
 
 
+def paired_ratio_ci(num: Timing, den: Timing, level: float = 0.95, resamples: int = 2000,
+                    seed: int = 0) -> tuple[float, float] | None:
+    """A percentile-bootstrap interval for paired_ratio: resample the shared rounds with replacement,
+    take each resample's median of num/den, return the (1-level)/2 and (1+level)/2 quantiles. None
+    under 5 shared rounds (too few for an interval to mean anything). It says how far the measured
+    median could move on a rerun of the same length on a machine as noisy as this run's, so a goal
+    within it is not decided by the run."""
+    a = dict(zip(num.rounds, num.times_ms))
+    b = dict(zip(den.rounds, den.times_ms))
+    ratios = [a[i] / b[i] for i in a if i in b and b[i] > 0]
+    if len(ratios) < 5:
+        return None
+    rng = random.Random(seed)
+    n = len(ratios)
+    medians = sorted(statistics.median(rng.choices(ratios, k=n)) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return quantile(medians, tail), quantile(medians, 1 - tail)
+
+
 class _Timer:
     """Times single calls; on CUDA the results are read once the queued work is done."""
 

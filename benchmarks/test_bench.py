@@ -20,7 +20,7 @@ from loraxs_kernels import reference
 from . import roofline
 from .__main__ import main
 from .cases import CPU_KEY, MODES, cases_for
-from .measure import peak_mem_bytes, round_orders, saved_bytes, step_for
+from .measure import Timing, paired_ratio, paired_ratio_ci, peak_mem_bytes, round_orders, saved_bytes, step_for
 from .providers import PROVIDERS, make_inputs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -196,3 +196,27 @@ def test_cli_smoke(tmp_path):
     for key in ("device_name", "torch", "triton", "git_commit", "python", "cpu_count", "preset"):
         assert key in data["environment"], key
     assert "vs unfused" in (out / "results.md").read_text()
+
+
+def test_paired_ratio_interval_brackets_the_median_and_narrows_with_rounds():
+    """The bootstrap interval of the per-round-ratio median: None under 5 rounds; it holds the median;
+    the same spread over 4× the rounds gives an interval about half as wide; the same inputs give the
+    same interval (seeded), and a ratio with no spread gives a point."""
+    import random
+
+    def timings(n, seed):
+        rng = random.Random(seed)
+        den = [1000 * (1 + rng.random()) for _ in range(n)]  # round-to-round load: cancels in the ratio
+        num = [d * 1.05 * (1 + rng.gauss(0, 0.06)) for d in den]
+        return Timing(num, list(range(n))), Timing(den, list(range(n)))
+
+    assert paired_ratio_ci(*timings(4, 0)) is None
+    short, long = timings(15, 1), timings(60, 1)
+    lo, hi = paired_ratio_ci(*short)
+    assert lo < paired_ratio(*short) < hi
+    lo4, hi4 = paired_ratio_ci(*long)
+    assert lo4 < paired_ratio(*long) < hi4 and lo4 < 1.05 < hi4
+    assert 0.3 < (hi4 - lo4) / (hi - lo) < 0.75, (hi - lo, hi4 - lo4)
+    assert paired_ratio_ci(*short) == (lo, hi)
+    flat = Timing([2.0] * 6, list(range(6))), Timing([1.0] * 6, list(range(6)))
+    assert paired_ratio_ci(*flat) == (2.0, 2.0)

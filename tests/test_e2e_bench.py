@@ -143,7 +143,7 @@ def test_run_writes_every_field(tmp_path):
     for name, r in train.items():
         for key in ("median_ms", "vs_floor", "vs_ours", "tokens_per_s", "peak_mem_bytes", "saved_bytes",
                     "saved_bytes_adapted", "optimizer_state_bytes", "trainable_params", "adapted_layers",
-                    "adapter_file_bytes", "init_s", "other_cpu_frac"):
+                    "adapter_file_bytes", "init_s", "other_cpu_frac", "vs_floor_ci", "vs_ours_ci"):
             assert key in r, (name, key)
         assert len(r["times_ms"]) == e2e._settings(CPU, True).min_reps
     assert train["frozen_base"]["vs_floor"] == 1.0 and train["ours"]["vs_ours"] == 1.0
@@ -155,3 +155,38 @@ def test_run_writes_every_field(tmp_path):
     assert "tiny-llama" in md and "Goals (issue 20)" in md and "Greedy decoding" in md
     assert (tmp_path / "e2e-step-time.png").stat().st_size > 0 and (tmp_path / "e2e-memory.png").stat().st_size > 0
     assert len(data["goals"]) == 5
+
+
+def test_goals_say_whether_the_interval_decides_them():
+    """A goal is met on the median; it is decided only when the whole 95 % interval lies on one side of
+    its line. Timed goals without an interval (quick runs: 3 rounds) are undecided (None); the counted
+    saved-bytes goal needs none."""
+    def row(provider, vs_ours, ci, vs_floor=1.0, floor_ci=(0.99, 1.01)):
+        return dict(kind="train", model="m", provider=provider, vs_ours=vs_ours, vs_ours_ci=ci,
+                    vs_floor=vs_floor, vs_floor_ci=floor_ci, saved_bytes_adapted=10)
+    rows = [row("frozen_base", 0.98, (0.95, 1.0)), row("ours", 1.0, (1.0, 1.0), 1.02, (1.00, 1.04)),
+            row("peft_lora", 1.3, (1.2, 1.4)), row("peft_tinylora", 1.055, (1.03, 1.08)),
+            row("peft_tinylora+ours", 1.01, None)]
+    rows[2]["saved_bytes_adapted"] = 100
+    by = {g["goal"]: g for g in e2e.goals(rows, CPU)}
+    floor = by["ours ≤ 1.05× the frozen-base floor"]
+    assert floor["met"] and floor["decided"]                       # 1.00-1.04 under 1.05
+    tiny = by["PEFT TinyLoRA / ours ≥ 1.05×"]
+    assert tiny["met"] and tiny["decided"] is False                # 1.055, but 1.03-1.08 straddles 1.05
+    assert by["PEFT LoRA / ours ≥ 1.10×"]["decided"]
+    assert by["peft_tinylora+ours ≤ 1.03× ours"]["decided"] is None
+    saved = [g for g in e2e.goals(rows, CPU) if g["goal"].startswith("autograd-saved")][0]
+    assert saved["met"] and saved["decided"]
+    md = e2e.markdown(dict(device_name="cpu", timestamp="t", torch="t", peft="p", git_commit="0" * 12,
+                           torch_threads=1, load_avg_start=[0, 0, 0], peak_mem_method="m"), [], {},
+                      e2e.goals(rows, CPU))
+    assert "| 1.055× (1.030–1.080) | yes | no |" in md
+
+
+def test_min_reps_sets_the_e2e_rounds_and_is_refused_elsewhere():
+    assert e2e._settings(CPU, False, 40).min_reps == 40 and e2e._settings(CPU, False).min_reps == 15
+    assert e2e._settings(CPU, True, None).min_reps == 3
+    from benchmarks.__main__ import main
+
+    with pytest.raises(SystemExit, match="--min-reps"):
+        main(["--preset", "store", "--min-reps", "5", "--out", "/nonexistent/never-written"])
