@@ -238,9 +238,10 @@ def _layouts(t):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_thin_factor_layouts(backend, dtype, M):
     """x A and g Bᵀ with A (in×r) and Bᵀ (out×r) row- or column-major (the layer's A is row-major, PEFT
-    TinyLoRA's B makes Bᵀ row-major): from 64 rows with 2 ≤ r ≤ 8 the CPU schedule computes fp32/fp64
-    thin products transposed, (fᵀ rowsᵀ)ᵀ (rows_times_thin). Every layout pair within the reference's
-    bounds, and the same values from each pair up to rounding."""
+    TinyLoRA's B makes Bᵀ row-major): from 64 rows with 2 ≤ r ≤ 8 the CPU schedule computes fp32 thin
+    products transposed, (fᵀ rowsᵀ)ᵀ, at r ≥ 4 and copies a row-major factor column-major otherwise
+    (rows_times_thin). Every layout pair within the reference's bounds, and the same values from each
+    pair up to rounding."""
     inputs = make_inputs((M,), 48, 40, 4, dtype=dtype)
     x, w, b, A, R, B = inputs
     ys = []

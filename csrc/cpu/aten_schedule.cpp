@@ -19,10 +19,10 @@ namespace {
 // the backward. x A and g Bᵀ are needed by both schedules (the saved tensor, grad_R), except g Bᵀ when
 // grad_R is not wanted. Per number written the merge cost 1.4× the update on this project's CI CPU
 // (AMD EPYC, 1 thread, fp32, in = out = 768: 0.175 ms for W' vs 0.082 ms for y += T B at M = 512), and
-// a whole layer's forward + backward, backend "torch" forced either way, crossed over between M = in
-// and M = 2·in (in = out = 768 and 384). So each direction merges when the update it replaces is over
+// a whole layer's forward + backward, backend "torch" forced either way, crossed over between M ≈ 0.7·in
+// and 2·in (in = out = 384 and 768). So each direction merges when the update it replaces is over
 // 1.5× the size of W. The old rule, M·(in+out) > in·out, counted x A and g Bᵀ as work merging saves:
-// it merged from M = 385 at in = out = 768, which cost that layer 2 % at M = 512 and 5 % at M = 256.
+// it merged from M = 385 at in = out = 768, where at M = 512 the merged layer cost 1.023× the low-rank one.
 bool merge_pays(int64_t M, int64_t in, int64_t out, bool backward, bool need_R) {
   const int64_t replaced = backward ? M * in + (need_R ? 0 : M * out) : M * out;
   return 2 * replaced > 3 * in * out;
@@ -65,18 +65,22 @@ at::Tensor unflatten_fresh(const at::Tensor& t2, at::IntArrayRef lead_and_last, 
   return at::_unsafe_view(c, with_last(lead_and_last, last));
 }
 
-// rows (M×K) times a thin f (K×r). For fp32 and fp64 with 2 ≤ r ≤ 8 and M ≥ 64, MKL on this
-// project's CI CPU (AMD EPYC, 1 thread) runs the product fastest as (fᵀ rowsᵀ)ᵀ, r rows times M
-// columns: M = 512, K = 768, r = 8, fp32: 0.105 ms, vs 0.275 ms for rows · f with f column-major and
-// 0.45 ms with f row-major (the layer's A); M = 2048, K = 384: 0.21 vs 0.36 vs 0.89 ms; fp64 alike.
-// At r = 1 or r ≥ 16, under 64 rows (decoding: 5.6 vs 2.9 µs at M = 1) and for half dtypes (oneDNN,
-// within 10 % either way) rows · f is as fast or faster. The result is (M×r) column-major: callers
-// that return or save it make it contiguous (a copy of M·r numbers, 8 µs at M = 512, r = 8).
+// rows (M×K) times a thin f (K×r), from 64 rows at 2 ≤ r ≤ 8, where MKL on this project's CI CPU (AMD
+// EPYC, 1 thread) is slow on the plain product (measured with the copy included, min of 300 calls):
+// - fp32, 4 ≤ r ≤ 8: (fᵀ rowsᵀ)ᵀ, r rows times M columns. M = 512, K = 768, r = 8: 0.116 ms vs 0.188
+//   ms for rows · f with f copied column-major and 0.45 ms with f row-major (the layer's A); M = 2048,
+//   K = 384: 0.23 vs 0.36 ms; r = 4-7 and K = 2048 alike or equal. The result is column-major: callers
+//   that return or save it make it contiguous (a copy of M·r numbers, 8 µs at M = 512, r = 8).
+// - otherwise rows · f, a row-major f copied column-major first (K·r numbers): 2-5× faster than with f
+//   row-major in fp32/fp64 (half dtypes go to oneDNN: within 10 % either way); the transposed form
+//   was 1.5-2.5× slower at r = 2, 3 (fp32) and up to 1.3× slower in fp64 (r = 5-7, K = 2048).
+// Under 64 rows (decoding: 5.6 vs 2.9 µs at M = 1 for the transposed form) the plain product is as
+// fast or faster.
 at::Tensor rows_times_thin(const at::Tensor& rows, const at::Tensor& f) {
   const int64_t r = f.size(1);
-  const bool wide_float = rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kDouble;
-  if (rows.is_cpu() && wide_float && r >= 2 && r <= 8 && rows.size(0) >= 64) {
-    return at::mm(f.t(), rows.t()).t();
+  if (rows.is_cpu() && r >= 2 && r <= 8 && rows.size(0) >= 64) {
+    if (rows.scalar_type() == at::kFloat && r >= 4) return at::mm(f.t(), rows.t()).t();
+    if (f.size(0) > 1 && f.stride(0) != 1) return at::mm(rows, f.t().contiguous().t());
   }
   return at::mm(rows, f);
 }

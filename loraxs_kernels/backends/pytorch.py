@@ -43,12 +43,15 @@ def merged_weight(weight, A, R, B, scaling):
 
 
 def rows_times_thin(rows, f):
-    """rows (M, K) @ f (K, r), as (fᵀ rowsᵀ)ᵀ on the CPU for fp32/fp64, 2 ≤ r ≤ 8 and M ≥ 64: the same
-    rule and measurement as csrc/cpu/aten_schedule.cpp's rows_times_thin (MKL 1.7-4× faster that way
-    on this project's CI CPU). The result may be column-major."""
+    """rows (M, K) @ f (K, r) as csrc/cpu/aten_schedule.cpp's rows_times_thin computes it (same rule and
+    measurements): on the CPU from 64 rows at 2 ≤ r ≤ 8, (fᵀ rowsᵀ)ᵀ for fp32 at r ≥ 4 (the result is
+    column-major), else a row-major f copied column-major first."""
     r = f.shape[1]
-    if rows.is_cpu and rows.dtype in (torch.float32, torch.float64) and 2 <= r <= 8 and rows.shape[0] >= 64:
-        return (f.t() @ rows.t()).t()
+    if rows.is_cpu and 2 <= r <= 8 and rows.shape[0] >= 64:
+        if rows.dtype == torch.float32 and r >= 4:
+            return (f.t() @ rows.t()).t()
+        if f.shape[0] > 1 and f.stride(0) != 1:
+            f = f.t().contiguous().t()
     return rows @ f
 
 
