@@ -125,17 +125,21 @@ def quantile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def round_ratios(num: Timing, den: Timing) -> list[float]:
+    """num/den in each round both were timed in, in num's round order."""
+    b = dict(zip(den.rounds, den.times_ms))
+    return [t / b[i] for i, t in zip(num.rounds, num.times_ms) if i in b and b[i] > 0]
+
+
 def paired_ratio(num: Timing, den: Timing) -> float:
     """median over rounds of num/den, from the rounds both were timed in (the ratio of medians when
     fewer than 3 are shared). Calls of one round ran seconds apart at most, so a burst of background
     load scales both sides of each ratio, and the median of ratios shrugs off what the median of
     each side alone does not."""
-    a = dict(zip(num.rounds, num.times_ms))
-    b = dict(zip(den.rounds, den.times_ms))
-    common = [i for i in a if i in b and b[i] > 0]
-    if len(common) < 3:
+    ratios = round_ratios(num, den)
+    if len(ratios) < 3:
         return num.median_ms / den.median_ms
-    return statistics.median(a[i] / b[i] for i in common)
+    return statistics.median(ratios)
 
 
 def paired_ratio_ci(num: Timing, den: Timing, level: float = 0.95, resamples: int = 2000,
@@ -145,9 +149,7 @@ def paired_ratio_ci(num: Timing, den: Timing, level: float = 0.95, resamples: in
     under 5 shared rounds (too few for an interval to mean anything). It says how far the measured
     median could move on a rerun of the same length on a machine as noisy as this run's, so a goal
     within it is not decided by the run."""
-    a = dict(zip(num.rounds, num.times_ms))
-    b = dict(zip(den.rounds, den.times_ms))
-    ratios = [a[i] / b[i] for i in a if i in b and b[i] > 0]
+    ratios = round_ratios(num, den)
     if len(ratios) < 5:
         return None
     rng = random.Random(seed)

@@ -196,6 +196,13 @@ import pytest  # noqa: E402
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
+def aten_op_names(fn) -> list[str]:
+    """The names of the ops fn runs, in order, from the CPU profiler (one entry per call)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events()]
+
+
 def native_reason():
     """None when the C++ extension (backend "cpp") is loaded and has a CPU kernel, else why not."""
     from loraxs_kernels import backends

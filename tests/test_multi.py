@@ -16,7 +16,8 @@ from torch import nn
 from torch.library import opcheck
 
 import loraxs_kernels
-from common import DTYPES, allow_no_native, assert_close, assert_within_bound, depths, make_inputs, native_reason
+from common import (DTYPES, allow_no_native, assert_close, assert_within_bound, aten_op_names, depths, make_inputs,
+                    native_reason)
 from loraxs_kernels import reference
 
 pytestmark = pytest.mark.skipif(native_reason() is not None and allow_no_native(),
@@ -163,9 +164,7 @@ def test_minus_one_rows_are_the_base_layer_bit_for_bit():
 
 
 def _aten_ops(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.name for e in prof.events()}
+    return set(aten_op_names(fn))
 
 
 # (M, r, n) picking each CPU schedule by csrc/cpu/multi_aten.cpp's rule used·6000 > active·r²
